@@ -1,0 +1,16 @@
+"""ldm_vae: latent-diffusion image autoencoders, exactly compatible with diffusers and LDM/SD checkpoints."""
+
+from .autoencoder_kl import AutoencoderKL
+from .checkpoint import CheckpointError
+from .config import PRESETS, AutoencoderKLConfig, VQConfig
+from .distributions import DiagonalGaussian
+
+__all__ = [
+    "PRESETS",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "CheckpointError",
+    "DiagonalGaussian",
+    "VQConfig",
+]
+__version__ = "0.1.0"

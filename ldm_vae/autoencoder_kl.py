@@ -1,0 +1,124 @@
+"""KL-regularized autoencoder of Latent Diffusion (Rombach et al., 2022, Sec. 3.1; the SD "AutoencoderKL").
+
+x (B, 3, H, W) in [-1, 1] -> q(z|x) = N(mu, sigma^2) with z (B, latent_channels, H/f, W/f) -> x_hat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import LDM_PREFIXES
+from .config import PRESETS, AutoencoderKLConfig
+from .distributions import DiagonalGaussian
+from .modules import Decoder, Encoder
+from .pretrained import PretrainedMixin
+
+
+def check_input(x: Tensor, channels: int, what: str) -> None:
+    """Raises ValueError with one line when ``x`` is not (B, channels, H, W) or holds NaN/Inf."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{what} must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or Inf")
+
+
+class AutoencoderKL(PretrainedMixin, nn.Module):
+    """The SD/LDM KL autoencoder; ``state_dict()`` is diffusers' ``AutoencoderKL`` state dict."""
+
+    config_class: ClassVar[type] = AutoencoderKLConfig
+    presets: ClassVar[dict[str, Any]] = PRESETS
+    diffusers_class_name: ClassVar[str] = "AutoencoderKL"
+
+    def __init__(self, config: AutoencoderKLConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        config = dataclasses.replace(config or AutoencoderKLConfig(), **overrides)
+        self.config = config
+        shared = dict(
+            block_out_channels=config.block_out_channels,
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+            mid_block_add_attention=config.mid_block_add_attention,
+        )
+        z = config.latent_channels
+        self.encoder = Encoder(config.in_channels, 2 * z, **shared)  # -> moments (mean, logvar)
+        self.decoder = Decoder(z, config.out_channels, **shared)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
+
+    # ------------------------------------------------------------------------------------- model
+
+    def encode(self, x: Tensor, tile_size: int | None = None) -> DiagonalGaussian:
+        """Images (B, C, H, W) in [-1, 1], any float dtype -> posterior over (B, latent_channels, H/f, W/f).
+
+        Args:
+            x: images.
+            tile_size: tile edge in image pixels for the exact tiled encoder, or None for one pass.
+        """
+        check_input(x, self.config.in_channels, "images")
+        x = self._to_model(x)
+        h = self._run(self.encoder, x, tile_size, self.config.downsample_factor)  # (B, 2z, h, w)
+        moments = self.quant_conv(h) if self.quant_conv is not None else h
+        return DiagonalGaussian(moments.float())
+
+    def decode(self, z: Tensor, tile_size: int | None = None) -> Tensor:
+        """Raw latents (B, latent_channels, h, w) -> images (B, C, h*f, w*f), float32.
+
+        In fp16 a decode that overflows is redone once in fp32 (and the model stays fp32), as diffusers'
+        ``force_upcast`` would have done up front.
+        """
+        check_input(z, self.config.latent_channels, "latents")
+        out = self._decode(z, tile_size)
+        if self.dtype == torch.float16 and not torch.isfinite(out).all():
+            warnings.warn(
+                "fp16 decode overflowed; upcasting the VAE to fp32 and decoding again", stacklevel=2
+            )
+            self.to(torch.float32, memory_format=torch.contiguous_format)
+            out = self._decode(z, tile_size)
+        return out
+
+    def _decode(self, z: Tensor, tile_size: int | None) -> Tensor:
+        z = self._to_model(z)
+        z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
+        return self._run(self.decoder, z, tile_size, 1.0 / self.config.downsample_factor).float()
+
+    def forward(
+        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        """Reconstruction and posterior; z is sampled (training) or the posterior mean."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    @staticmethod
+    def _run(net: nn.Module, x: Tensor, tile_size: int | None, pixels_per_input: float) -> Tensor:
+        if tile_size is None:
+            return net(x)
+        from .tiling import run_tiled
+
+        return run_tiled(net, x, tile_size=tile_size, pixels_per_input=pixels_per_input)
+
+    # ------------------------------------------------------------------------------------- latents
+
+    @property
+    def _shift(self) -> float:
+        return self.config.shift_factor or 0.0
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        """Raw latents -> diffusion-ready latents: (z - shift_factor) * scaling_factor."""
+        return (z - self._shift) * self.config.scaling_factor
+
+    def unscale_latents(self, z: Tensor) -> Tensor:
+        """Diffusion-ready latents -> raw latents: z / scaling_factor + shift_factor."""
+        return z / self.config.scaling_factor + self._shift
+
+    @classmethod
+    def _default_fields_for(cls, full: dict[str, Tensor], prefix: str) -> dict[str, Any]:
+        # SDXL checkpoints carry a second text encoder under conditioner.embedders.1; same VAE shapes as SD.
+        if prefix in LDM_PREFIXES and any(k.startswith("conditioner.embedders.1.") for k in full):
+            return dataclasses.asdict(PRESETS["sdxl"])
+        return {}

@@ -1,0 +1,284 @@
+"""Reading and writing autoencoder weights: diffusers folders and original LDM / Stable Diffusion single files.
+
+Our modules carry diffusers' parameter names, so a diffusers folder loads with no renaming. Original LDM names
+(``encoder.down.0.block.1.nin_shortcut``, ``decoder.up.3.upsample.conv``, ``mid.attn_1.q``) live only in
+``_LDM_RULES`` below. No file is ever unpickled with code execution: safetensors, or
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Prefixes of the autoencoder inside full LDM / SD checkpoints (and some community VAE files).
+LDM_PREFIXES = ("first_stage_model.", "vae.")
+
+
+class CheckpointError(ValueError):
+    """A weights file or folder that cannot be read, or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` and moves it into place only if the body succeeds.
+
+    A crash or kill mid-write leaves the previous file untouched (``os.replace`` is atomic on POSIX).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_safetensors(
+    state_dict: dict[str, Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """Atomically writes contiguous CPU copies of ``state_dict``."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Reads a safetensors or (weights-only) pickle file into a flat name -> tensor dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and loading them could run "
+            f"code ({first}); convert it to .safetensors in a trusted environment"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    # Lightning checkpoints wrap the weights: {"state_dict": {...}, "global_step": ...}.
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return obj
+
+
+def read_diffusers_folder(
+    folder: Path, variant: str | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Reads ``config.json`` and the weights (single, sharded, or legacy .bin) of a diffusers model folder."""
+    config_path = folder / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: cannot read config ({e})") from None
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    single, index, legacy = (
+        folder / f"{stem}.safetensors",
+        folder / f"{stem}.safetensors.index.json",
+        folder / f"{stem}.bin",
+    )
+    if single.is_file():
+        return config, read_state_dict(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: cannot read shard index ({e})") from None
+        state_dict: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state_dict.update(read_state_dict(folder / shard))
+        missing = set(weight_map) - set(state_dict)
+        if missing:
+            raise CheckpointError(
+                f"{index}: {len(missing)} tensors listed but absent, e.g. {sorted(missing)[:3]}"
+            )
+        return config, state_dict
+    if legacy.is_file():
+        return config, read_state_dict(legacy)
+    raise CheckpointError(f"{folder}: has {CONFIG_NAME} but no {single.name}, {index.name} or {legacy.name}")
+
+
+# ------------------------------------------------------------------------------------ LDM <-> diffusers
+
+# The one conversion table: diffusers name pattern -> LDM name. ``n`` is the number of levels; LDM numbers
+# decoder levels from the highest resolution, diffusers from the lowest.
+_LDM_RULES: list[tuple[str, Callable[[re.Match, int], str]]] = [
+    (r"^(encoder|decoder)\.conv_norm_out\.", lambda m, n: f"{m[1]}.norm_out."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m, n: f"encoder.down.{m[1]}.downsample."),
+    (
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+        lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.",
+    ),
+    (
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.",
+    ),
+    (r"\.mid_block\.resnets\.(\d+)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", lambda m, n: ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", lambda m, n: f".mid.attn_1.{m[1]}."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", lambda m, n: ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", lambda m, n: ".nin_shortcut."),
+]
+# LDM's attention projections are 1x1 convs; diffusers' are Linear layers.
+_LDM_CONV1X1 = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
+    for pattern, repl in _LDM_RULES:
+        key = re.sub(pattern, lambda m, r=repl: r(m, num_levels), key)
+    return key
+
+
+def to_ldm(state_dict: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
+    """diffusers names -> original LDM names (attention weights become 1x1 convs)."""
+    out = {}
+    for key, value in state_dict.items():
+        new = diffusers_to_ldm_key(key, num_levels)
+        out[new] = value[:, :, None, None] if _LDM_CONV1X1.search(new) and value.ndim == 2 else value
+    return out
+
+
+def from_ldm(ldm: dict[str, Tensor], diffusers_keys: list[str], num_levels: int) -> dict[str, Tensor]:
+    """Original LDM names -> diffusers names, for the keys a model of known config expects.
+
+    LDM keys no model key maps to are kept under their own name, so strict loading reports them.
+    """
+    names = {diffusers_to_ldm_key(k, num_levels): k for k in diffusers_keys}
+    out = {}
+    for key, value in ldm.items():
+        if _LDM_CONV1X1.search(key) and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[names.get(key, key)] = value
+    return out
+
+
+def is_ldm_layout(state_dict: dict[str, Tensor]) -> bool:
+    return any(k.startswith("encoder.down.") or k.startswith("decoder.up.") for k in state_dict)
+
+
+def strip_prefix(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """Takes the autoencoder out of a full LDM/SD checkpoint (UNet, text encoder, ... are dropped)."""
+    for prefix in LDM_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+    return state_dict, ""
+
+
+def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """Config fields read off tensor shapes of an LDM-layout autoencoder state dict.
+
+    GroupNorm group counts and the latent scale cannot be read off shapes; callers override them.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise CheckpointError(f"cannot infer the architecture: no tensor {key!r} in the checkpoint")
+        return tuple(state_dict[key].shape)
+
+    levels = sorted(
+        {int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.block\.0\.", k))}
+    )
+    if not levels:
+        raise CheckpointError("cannot infer the architecture: no encoder.down.* tensors")
+    blocks = {int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    fields: dict[str, Any] = {
+        "in_channels": shape("encoder.conv_in.weight")[1],
+        "out_channels": shape("decoder.conv_out.weight")[0],
+        "block_out_channels": tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels),
+        "layers_per_block": len(blocks),
+        "latent_channels": shape("decoder.conv_in.weight")[1],
+        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in state_dict,
+    }
+    if "quantize.embedding.weight" in state_dict:
+        n_codes, dim = shape("quantize.embedding.weight")
+        fields.update(
+            num_vq_embeddings=n_codes, vq_embed_dim=dim, latent_channels=shape("encoder.conv_out.weight")[0]
+        )
+    else:
+        fields.update(
+            use_quant_conv="quant_conv.weight" in state_dict,
+            use_post_quant_conv="post_quant_conv.weight" in state_dict,
+        )
+    return fields
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def check_and_load(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Loads ``state_dict`` into ``model`` strictly, naming what does not fit.
+
+    Raises:
+        CheckpointError: on any missing key, unexpected key or shape mismatch (first few of each, and counts).
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if state_dict[k].shape != own[k].shape
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+            problems.append(f"{len(items)} {label} ({shown})")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model ({len(own)} tensors): " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state_dict[k])
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """A path for ``src``; a pipeline folder resolves to its ``vae/`` (or ``vqvae/``) subfolder."""
+    path = Path(src).expanduser()
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        for sub in ("vae", "vqvae"):
+            if (path / sub / CONFIG_NAME).is_file():
+                return path / sub
+        raise CheckpointError(f"{path}: a folder without {CONFIG_NAME} (nor vae/{CONFIG_NAME})")
+    return path

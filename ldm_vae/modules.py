@@ -1,0 +1,255 @@
+"""Encoder and decoder of the Latent Diffusion autoencoder (Rombach et al., 2022, App. G; Esser et al., 2021).
+
+Module and parameter names are diffusers' (``down_blocks.i.resnets.j.norm1``, ``mid_block.attentions.0.to_q``),
+so ``state_dict()`` is a diffusers ``AutoencoderKL``/``VQModel`` state dict with no renaming.
+
+Each network is a flat list of :class:`Unit` s. ``forward`` runs them in order; the exact tiler
+(:mod:`ldm_vae.tiling`) runs the same units over tiles, which is why the sequence is data, not code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+EPS = 1e-6  # every GroupNorm in the LDM autoencoder uses this epsilon
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with an optional fused SiLU and a hook the exact tiler uses to supply global statistics."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = EPS) -> None:
+        super().__init__(num_groups, num_channels, eps=eps)
+        # Set by ldm_vae.tiling while a tiled pass runs: maps (module, x) -> normalized x.
+        self.stats_hook: Callable[[GroupNorm, Tensor], Tensor] | None = None
+
+    def forward(self, x: Tensor, act: bool = False) -> Tensor:
+        if self.stats_hook is not None:
+            y = self.stats_hook(self, x)
+        else:
+            y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if act:
+            # group_norm's output is a fresh tensor that its backward does not need, but silu's backward
+            # needs its input, so only overwrite it when no graph is being recorded.
+            y = F.silu(y, inplace=not torch.is_grad_enabled())
+        return y
+
+
+class ResnetBlock(nn.Module):
+    """Pre-norm residual block: x + conv(silu(norm(conv(silu(norm(x))))))."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(self.norm1(x, act=True))  # (B, C_out, H, W)
+        h = self.conv2(self.norm2(h, act=True))
+        if self.conv2.weight.is_contiguous(memory_format=torch.channels_last) and not torch.is_grad_enabled():
+            # Fast inference layout: conv2's output is ours alone, so add in place (no allocation, one pass).
+            return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+        # Reference path, op for op as diffusers: memory layouts pick the conv kernels, hence the rounding.
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x.contiguous())
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions, with a residual (LDM's AttnBlock)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' index 1 is a no-op dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        height = x.shape[-2]
+        # Normalizing the (B, C, H*W) view, as diffusers does, keeps its GroupNorm kernel and rounding.
+        h = rearrange(self.group_norm(x.flatten(2)), "b c l -> b 1 l c")  # one head over H*W tokens
+        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        h = self.to_out[0](h)
+        h = rearrange(h, "b 1 (h w) c -> b c h w", h=height)  # a view with channels-last strides
+        # Out of place and in this operand order, as diffusers does: the sum's memory layout decides which
+        # convolution kernels run next, and so their rounding. Cheap here, at the lowest resolution.
+        return h + x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with LDM's asymmetric (0, 1, 0, 1) padding."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H // 2, W // 2)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x followed by a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.ModuleList:
+    """``layers`` resnets; the first changes the width."""
+    chans = [in_channels] + [out_channels] * layers
+    return nn.ModuleList(ResnetBlock(a, b, groups) for a, b in itertools.pairwise(chans))
+
+
+class DownBlock(nn.Module):
+    """One encoder level (diffusers' DownEncoderBlock2D)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool
+    ) -> None:
+        super().__init__()
+        self.resnets = resnet_chain(in_channels, out_channels, layers, groups)
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+
+class UpBlock(nn.Module):
+    """One decoder level (diffusers' UpDecoderBlock2D)."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
+        super().__init__()
+        self.resnets = resnet_chain(in_channels, out_channels, layers, groups)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+
+class MidBlock(nn.Module):
+    """resnet -> (attention) -> resnet at the lowest resolution (diffusers' UNetMidBlock2D)."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if add_attention else [])
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of a network, as the exact tiler sees it.
+
+    Attributes:
+        fn: the computation.
+        scale: output resolution / input resolution (0.5, 1 or 2).
+        convs: 3x3 convolutions in ``fn``; each spreads a tile edge's error by one pixel (the tiler counts it
+            at the coarser of the unit's input and output resolutions, which is conservative).
+        is_global: needs every position at once (attention), so it is never tiled.
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    scale: float = 1.0
+    convs: int = 0
+    is_global: bool = False
+
+
+def _mid_units(mid: MidBlock) -> list[Unit]:
+    units = [Unit(mid.resnets[0], convs=2)]
+    units += [Unit(a, is_global=True) for a in mid.attentions]
+    return [*units, Unit(mid.resnets[1], convs=2)]
+
+
+class _Sequential(nn.Module):
+    """Runs :meth:`units` in order, with optional per-unit gradient checkpointing."""
+
+    gradient_checkpointing: bool = False
+
+    def units(self) -> list[Unit]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for unit in self.units():
+            x = checkpoint(unit.fn, x, use_reentrant=False) if ckpt else unit.fn(x)
+        return x
+
+
+class Encoder(_Sequential):
+    """Image (B, in_channels, H, W) -> (B, out_channels, H/f, W/f), f = 2 ** (levels - 1)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        mid_block_add_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        chans = block_out_channels
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(
+                chans[max(i - 1, 0)], c, layers_per_block, norm_num_groups, downsample=i < len(chans) - 1
+            )
+            for i, c in enumerate(chans)
+        )
+        self.mid_block = MidBlock(chans[-1], norm_num_groups, mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(norm_num_groups, chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.conv_out(self.conv_norm_out(x, act=True))  # (B, out_channels, h, w)
+
+    def units(self) -> list[Unit]:
+        units = [Unit(self.conv_in, convs=1)]  # (B, chans[0], H, W)
+        for block in self.down_blocks:
+            units += [Unit(r, convs=2) for r in block.resnets]
+            units += [Unit(d, scale=0.5, convs=1) for d in block.downsamplers]  # halves H, W
+        return [*units, *_mid_units(self.mid_block), Unit(self._head, convs=1)]
+
+
+class Decoder(_Sequential):
+    """Latent (B, in_channels, h, w) -> image (B, out_channels, h*f, w*f)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        mid_block_add_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        chans = tuple(reversed(block_out_channels))
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.mid_block = MidBlock(chans[0], norm_num_groups, mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(
+                chans[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups, upsample=i < len(chans) - 1
+            )
+            for i, c in enumerate(chans)
+        )
+        self.conv_norm_out = GroupNorm(norm_num_groups, chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.conv_out(self.conv_norm_out(x, act=True))  # (B, out_channels, H, W)
+
+    def units(self) -> list[Unit]:
+        units = [Unit(self.conv_in, convs=1), *_mid_units(self.mid_block)]  # (B, chans[0], h, w)
+        for block in self.up_blocks:
+            units += [Unit(r, convs=2) for r in block.resnets]
+            units += [Unit(u, scale=2.0, convs=1) for u in block.upsamplers]  # doubles H, W
+        return [*units, Unit(self._head, convs=1)]

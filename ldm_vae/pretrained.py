@@ -1,0 +1,183 @@
+"""``from_pretrained`` / ``save_pretrained`` / ``save_single_file`` shared by both autoencoders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import config_from_dict
+from .runtime import memory_format_for, resolve_dtype
+
+# Shipped weights: <repo>/weights/<name>/ (editable install) or $LDM_VAE_WEIGHTS/<name>/.
+WEIGHTS_DIR = Path(os.environ.get("LDM_VAE_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+SHIPPED = {"demo": "demo-vae"}
+
+
+class PretrainedMixin:
+    """Weights in and out. Subclasses set the class attributes and have ``config`` and ``__init__(config)``."""
+
+    config_class: ClassVar[type]
+    memory_format: torch.memory_format = torch.contiguous_format  # layout inputs are converted to
+    presets: ClassVar[dict[str, Any]]
+    diffusers_class_name: ClassVar[str]
+
+    # ------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        dtype: str | torch.dtype = "fp32",
+        device: str | torch.device = "cpu",
+        config: Any = None,
+        variant: str | None = None,
+        **overrides: Any,
+    ) -> Any:
+        """Builds a model from a preset name, a diffusers folder, or an original LDM/SD single file.
+
+        Args:
+            src: preset name (random init; ``demo`` is the shipped model), a diffusers model folder (or a
+                pipeline folder with ``vae/``), or a ``.safetensors``/``.ckpt``/``.pt``/``.bin`` file with
+                diffusers or original LDM names, optionally under ``first_stage_model.``/``vae.``.
+            dtype: ``auto``, ``fp32``, ``bf16``, ``fp16`` or a torch dtype.
+            device: where the weights go.
+            config: for single files, a config (dataclass, dict, config.json path or folder) that replaces
+                the one inferred from tensor shapes.
+            variant: diffusers weight variant, e.g. ``fp16`` for ``diffusion_pytorch_model.fp16.safetensors``.
+            **overrides: config fields to change, e.g. ``scaling_factor=0.13025``.
+
+        Raises:
+            CheckpointError: unreadable source, or weights that do not fit (names the keys).
+        """
+        name = str(src)
+        if name in SHIPPED and not Path(name).exists():
+            folder = WEIGHTS_DIR / SHIPPED[name]
+            if not (folder / ckpt.CONFIG_NAME).is_file():
+                raise ckpt.CheckpointError(f"shipped weights {name!r} not found at {folder}")
+            src = folder
+        elif name in cls.presets and not Path(name).exists():
+            base = cls.presets[name]
+            model = cls(dataclasses.replace(base, **overrides) if overrides else base)
+            return model.to_runtime(dtype, device)
+
+        path = ckpt.resolve_source(src)
+        if path.is_dir():
+            raw_cfg, state_dict = ckpt.read_diffusers_folder(path, variant)
+            expected = cls.diffusers_class_name
+            if raw_cfg.get("_class_name", expected) != expected:
+                raise ckpt.CheckpointError(f"{path}: holds a {raw_cfg['_class_name']}, not a {expected}")
+            model = cls(config_from_dict(cls.config_class, raw_cfg, **overrides))
+            ckpt.check_and_load(model, state_dict, str(path))
+        elif path.is_file() or path.suffix:
+            model = cls._from_single_file(path, config, overrides)
+        else:
+            known = ", ".join([*cls.presets, *SHIPPED])
+            raise ckpt.CheckpointError(f"{src}: not a file, a folder, or a preset ({known})")
+        return model.to_runtime(dtype, device)
+
+    @classmethod
+    def _from_single_file(cls, path: Path, config: Any, overrides: dict[str, Any]) -> Any:
+        full = ckpt.read_state_dict(path)
+        state_dict, prefix = ckpt.strip_prefix(full)
+        if not ckpt.is_ldm_layout(state_dict):
+            if not any(k.startswith("encoder.down_blocks.") for k in state_dict):
+                raise ckpt.CheckpointError(
+                    f"{path}: no autoencoder tensors found (neither LDM nor diffusers names)"
+                )
+            # A diffusers-named single file: go through LDM names so one shape-inference path serves both.
+            n = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down_blocks."))
+            state_dict = ckpt.to_ldm(state_dict, n)
+        fields = cls._default_fields_for(full, prefix)
+        fields.update(ckpt.infer_config_fields(state_dict))
+        if config is not None:
+            fields.update(_config_fields(config))
+        fields.update(overrides)
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        model = cls(cls.config_class(**{k: v for k, v in fields.items() if k in names}))
+        levels = len(model.config.block_out_channels)
+        converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels)
+        ckpt.check_and_load(model, converted, str(path))
+        return model
+
+    @classmethod
+    def _default_fields_for(cls, full: dict[str, Tensor], prefix: str) -> dict[str, Any]:
+        """Config fields that shapes cannot tell, guessed from the surrounding checkpoint."""
+        return {}
+
+    # ------------------------------------------------------------------------------------- runtime
+
+    def to_runtime(self, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> Any:
+        """Moves to ``device`` and ``dtype`` (``auto`` picks bf16 where native), in eval mode.
+
+        Reduced precision on CPU also switches to channels_last, which oneDNN's bf16 convolutions want.
+        """
+        assert isinstance(self, nn.Module)
+        torch_dtype = resolve_dtype(dtype, device)
+        self.memory_format = memory_format_for(torch_dtype, device)
+        self.to(device=device, dtype=torch_dtype, memory_format=self.memory_format)
+        return self.eval()
+
+    def _to_model(self, x: Tensor) -> Tensor:
+        """Casts an input to the model's dtype; only the fast path changes its memory layout (the reference
+        path leaves it, as diffusers does, so layouts and therefore rounding match)."""
+        x = x.to(self.dtype)
+        if self.memory_format == torch.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype  # type: ignore[attr-defined]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------------------------- saving
+
+    def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+        """Writes the diffusers layout (``config.json`` + safetensors) that ``diffusers.*.from_pretrained`` reads."""
+        folder = Path(folder)
+        state_dict = self._export_state_dict(dtype)
+        ckpt.write_safetensors(state_dict, folder / ckpt.WEIGHTS_NAME)
+        ckpt.write_json(self.config.to_diffusers(), folder / ckpt.CONFIG_NAME)  # type: ignore[attr-defined]
+        return folder
+
+    def save_single_file(
+        self, path: str | os.PathLike, dtype: str | torch.dtype | None = None, prefix: str = ""
+    ) -> Path:
+        """Writes original LDM key names to a ``.safetensors`` file (``prefix`` e.g. ``first_stage_model.``)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: single files are written as .safetensors only")
+        levels = len(self.config.block_out_channels)  # type: ignore[attr-defined]
+        ldm = ckpt.to_ldm(self._export_state_dict(dtype), levels)
+        ckpt.write_safetensors({prefix + k: v for k, v in ldm.items()}, path)
+        return path
+
+    def _export_state_dict(self, dtype: str | torch.dtype | None) -> dict[str, Tensor]:
+        state_dict = self.state_dict()  # type: ignore[attr-defined]
+        if dtype is not None:
+            torch_dtype = resolve_dtype(dtype)
+            state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}
+        return state_dict
+
+
+def _config_fields(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)  # type: ignore[arg-type]
+    if isinstance(config, dict):
+        return dict(config)
+    path = Path(config)
+    path = path / ckpt.CONFIG_NAME if path.is_dir() else path
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ckpt.CheckpointError(f"{path}: cannot read config ({e})") from None
