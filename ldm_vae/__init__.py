@@ -4,6 +4,7 @@ from .autoencoder_kl import AutoencoderKL
 from .checkpoint import CheckpointError
 from .config import PRESETS, AutoencoderKLConfig, VQConfig
 from .distributions import DiagonalGaussian
+from .vq import VQAutoencoder, VQInfo
 
 __all__ = [
     "PRESETS",
@@ -11,6 +12,8 @@ __all__ = [
     "AutoencoderKLConfig",
     "CheckpointError",
     "DiagonalGaussian",
+    "VQAutoencoder",
     "VQConfig",
+    "VQInfo",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from .config import PRESETS, AutoencoderKLConfig
 from .distributions import DiagonalGaussian
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
+from .tiling import run
 
 
 def check_input(x: Tensor, channels: int, what: str) -> None:
@@ -61,7 +62,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         """
         check_input(x, self.config.in_channels, "images")
         x = self._to_model(x)
-        h = self._run(self.encoder, x, tile_size, self.config.downsample_factor)  # (B, 2z, h, w)
+        h = run(self.encoder, x, tile_size, self.config.downsample_factor)  # (B, 2z, h, w)
         moments = self.quant_conv(h) if self.quant_conv is not None else h
         return DiagonalGaussian(moments.float())
 
@@ -84,7 +85,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     def _decode(self, z: Tensor, tile_size: int | None) -> Tensor:
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
-        return self._run(self.decoder, z, tile_size, 1.0 / self.config.downsample_factor).float()
+        return run(self.decoder, z, tile_size, 1.0 / self.config.downsample_factor).float()
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
@@ -93,14 +94,6 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
-
-    @staticmethod
-    def _run(net: nn.Module, x: Tensor, tile_size: int | None, pixels_per_input: float) -> Tensor:
-        if tile_size is None:
-            return net(x)
-        from .tiling import run_tiled
-
-        return run_tiled(net, x, tile_size=tile_size, pixels_per_input=pixels_per_input)
 
     # ------------------------------------------------------------------------------------- latents
 

@@ -199,11 +199,18 @@ def is_ldm_layout(state_dict: dict[str, Tensor]) -> bool:
 
 
 def strip_prefix(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """Takes the autoencoder out of a full LDM/SD checkpoint (UNet, text encoder, ... are dropped)."""
+    """Takes the autoencoder out of a full LDM/SD checkpoint (UNet, text encoder, ... are dropped).
+
+    Training checkpoints of LDM and taming also hold their loss (``loss.discriminator.*``, LPIPS,
+    ``loss.logvar``); those are not part of the autoencoder and are dropped too.
+    """
+    found = ""
     for prefix in LDM_PREFIXES:
         if any(k.startswith(prefix) for k in state_dict):
-            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
-    return state_dict, ""
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            found = prefix
+            break
+    return {k: v for k, v in state_dict.items() if not k.startswith("loss.")}, found
 
 
 def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
@@ -247,14 +254,18 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def check_and_load(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+def check_and_load(
+    model: nn.Module, state_dict: dict[str, Tensor], source: str, optional: tuple[str, ...] = ()
+) -> None:
     """Loads ``state_dict`` into ``model`` strictly, naming what does not fit.
+
+    Keys starting with an ``optional`` prefix (training-only state) may be absent and keep their init.
 
     Raises:
         CheckpointError: on any missing key, unexpected key or shape mismatch (first few of each, and counts).
     """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    missing = sorted(k for k in set(own) - set(state_dict) if not k.startswith(optional))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -270,7 +281,8 @@ def check_and_load(model: nn.Module, state_dict: dict[str, Tensor], source: str)
         raise CheckpointError(f"{source} does not fit the model ({len(own)} tensors): " + "; ".join(problems))
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(state_dict[k])
+            if k in state_dict:
+                v.copy_(state_dict[k])
 
 
 def resolve_source(src: str | os.PathLike) -> Path:

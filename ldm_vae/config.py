@@ -102,6 +102,11 @@ class VQConfig:
         """The ``config.json`` that ``diffusers.VQModel`` reads."""
         n = len(self.block_out_channels)
         cfg = {"_class_name": "VQModel", **dataclasses.asdict(self)}
+        # Training-only quantizer options mean nothing to diffusers (it would warn about them).
+        for key in ("beta", "legacy", "ema_decay", "restart_dead_codes"):
+            cfg.pop(key)
+        if not self.l2_normalize:  # kept when set: a cosine codebook changes inference
+            cfg.pop("l2_normalize")
         cfg["block_out_channels"] = list(self.block_out_channels)
         cfg.update(
             down_block_types=[_ENCODER_BLOCK] * n,

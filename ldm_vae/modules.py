@@ -76,15 +76,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' index 1 is a no-op dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        height = x.shape[-2]
-        # Normalizing the (B, C, H*W) view, as diffusers does, keeps its GroupNorm kernel and rounding.
-        h = rearrange(self.group_norm(x.flatten(2)), "b c l -> b 1 l c")  # one head over H*W tokens
-        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
-        h = self.to_out[0](h)
-        h = rearrange(h, "b 1 (h w) c -> b c h w", h=height)  # a view with channels-last strides
-        # Out of place and in this operand order, as diffusers does: the sum's memory layout decides which
-        # convolution kernels run next, and so their rounding. Cheap here, at the lowest resolution.
-        return h + x
+        b, c, height, width = x.shape
+        # The reshapes mirror diffusers' AttnProcessor2_0 stride for stride (batch stride included): tensor
+        # layouts pick GroupNorm/conv kernels downstream, and so the rounding that parity tests compare.
+        h = self.group_norm(x.view(b, c, height * width)).transpose(1, 2)  # (B, H*W, C) tokens
+        q, k, v = (rearrange(proj(h), "b l c -> b 1 l c") for proj in (self.to_q, self.to_k, self.to_v))
+        h = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 l c -> b l c")  # one head
+        h = self.to_out[0](h).transpose(1, 2).reshape(b, c, height, width)  # (B, C, H, W), channels-last view
+        return h + x  # out of place and in this operand order, as diffusers
 
 
 class Downsample(nn.Module):

@@ -27,6 +27,7 @@ class PretrainedMixin:
     memory_format: torch.memory_format = torch.contiguous_format  # layout inputs are converted to
     presets: ClassVar[dict[str, Any]]
     diffusers_class_name: ClassVar[str]
+    training_only_prefixes: ClassVar[tuple[str, ...]] = ()  # state never exported (e.g. EMA codebook stats)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -74,7 +75,7 @@ class PretrainedMixin:
             if raw_cfg.get("_class_name", expected) != expected:
                 raise ckpt.CheckpointError(f"{path}: holds a {raw_cfg['_class_name']}, not a {expected}")
             model = cls(config_from_dict(cls.config_class, raw_cfg, **overrides))
-            ckpt.check_and_load(model, state_dict, str(path))
+            ckpt.check_and_load(model, state_dict, str(path), optional=cls.training_only_prefixes)
         elif path.is_file() or path.suffix:
             model = cls._from_single_file(path, config, overrides)
         else:
@@ -103,7 +104,7 @@ class PretrainedMixin:
         model = cls(cls.config_class(**{k: v for k, v in fields.items() if k in names}))
         levels = len(model.config.block_out_channels)
         converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels)
-        ckpt.check_and_load(model, converted, str(path))
+        ckpt.check_and_load(model, converted, str(path), optional=cls.training_only_prefixes)
         return model
 
     @classmethod
@@ -163,7 +164,11 @@ class PretrainedMixin:
         return path
 
     def _export_state_dict(self, dtype: str | torch.dtype | None) -> dict[str, Tensor]:
-        state_dict = self.state_dict()  # type: ignore[attr-defined]
+        state_dict = {
+            k: v
+            for k, v in self.state_dict().items()  # type: ignore[attr-defined]
+            if not k.startswith(self.training_only_prefixes)
+        }
         if dtype is not None:
             torch_dtype = resolve_dtype(dtype)
             state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}

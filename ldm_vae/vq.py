@@ -1,0 +1,230 @@
+"""VQ autoencoder (VQGAN, Esser et al., 2021; van den Oord et al., 2017) on the same Encoder/Decoder as the KL model.
+
+Quantizer loss (VQ-VAE eq. 3): ||sg[z] - e||^2 + beta * ||z - sg[e]||^2 with the straight-through estimator
+z_q = z + sg[e - z]. taming's historical "legacy" placement puts beta on the codebook term instead.
+EMA codebook updates follow VQ-VAE App. A.1; dead codes are re-seeded from current encoder outputs
+(Dhariwal et al., 2020, Jukebox Sec. 3.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .autoencoder_kl import check_input
+from .config import VQConfig
+from .modules import Decoder, Encoder
+from .pretrained import PretrainedMixin
+from .tiling import run
+
+VQ_PRESETS: dict[str, VQConfig] = {
+    # VQ-f8 of Latent Diffusion (vq-f8: 16384 codes of dim 4).
+    "vq-f8": VQConfig(),
+    # For tests: two levels (f=2), 32 codes.
+    "tiny": VQConfig(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_vq_embeddings=32,
+        latent_channels=4,
+        sample_size=32,
+    ),
+}
+
+
+@dataclass
+class VQInfo:
+    """What the quantizer reports for one batch."""
+
+    indices: Tensor  # (B, h, w) long: code index per latent position
+    loss: Tensor  # scalar: codebook + commitment terms, beta already applied
+    codebook_loss: (
+        Tensor  # scalar: ||sg[z] - e||^2 (0 under EMA updates, where no gradient trains the codebook)
+    )
+    commitment_loss: Tensor  # scalar: ||z - sg[e]||^2 (unweighted)
+    usage: float  # fraction of the codebook used in this batch
+    perplexity: float  # exp(entropy of code usage); = number of codes when used uniformly
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    # EMA statistics and restarts must agree across data-parallel ranks, or the codebooks drift apart.
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup with straight-through gradients.
+
+    ``embedding.weight`` is diffusers' ``quantize.embedding.weight``. EMA statistics are buffers that exist only
+    when EMA updates are on; they are training state, never exported.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        beta: float = 0.25,
+        legacy: bool = False,
+        l2_normalize: bool = False,
+        ema_decay: float | None = None,
+        restart_dead_codes: bool = False,
+        dead_threshold: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.num_codes, self.dim, self.beta, self.legacy = num_codes, dim, beta, legacy
+        self.l2_normalize, self.ema_decay = l2_normalize, ema_decay
+        self.restart_dead_codes, self.dead_threshold = restart_dead_codes, dead_threshold
+        self.embedding = nn.Embedding(num_codes, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)  # taming's init
+        if ema_decay is not None:
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("ema_cluster_size", torch.zeros(num_codes))
+            self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
+        if restart_dead_codes:
+            # Running usage per code; starts "alive" so nothing is restarted before it had a chance.
+            self.register_buffer("ema_usage", torch.ones(num_codes))
+
+    def codebook(self) -> Tensor:
+        e = self.embedding.weight
+        return F.normalize(e, dim=1) if self.l2_normalize else e
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """Indices (B, h, w) -> quantized latents (B, dim, h, w)."""
+        return rearrange(F.embedding(indices, self.codebook()), "b h w c -> b c h w")
+
+    def forward(self, z: Tensor) -> tuple[Tensor, VQInfo]:
+        """Latents (B, dim, h, w) -> (z_q with straight-through gradient, VQInfo)."""
+        b, _, h, w = z.shape
+        # Contiguous channels-last copies as diffusers makes them: layouts decide the rounding downstream.
+        z = rearrange(z, "b c h w -> b h w c").float().contiguous()
+        if self.l2_normalize:
+            z = F.normalize(z, dim=-1)
+        flat = z.reshape(-1, self.dim)  # (N, dim)
+        codes = self.codebook().float()
+        indices = torch.argmin(torch.cdist(flat, codes), dim=1)  # (N,)
+        z_q = codes[indices].view_as(z)
+
+        commitment = torch.mean((z - z_q.detach()) ** 2)
+        codebook_term = torch.mean((z.detach() - z_q) ** 2) if self.ema_decay is None else z.new_zeros(())
+        if self.legacy:  # taming's placement: beta scales the codebook term
+            loss = commitment + self.beta * codebook_term
+        else:
+            loss = self.beta * commitment + codebook_term
+
+        counts = torch.bincount(indices, minlength=self.num_codes).float()  # (num_codes,)
+        if self.training:
+            self._update(flat.detach(), indices, counts)
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-torch.sum(probs * torch.log(probs.clamp_min(1e-10))))
+
+        z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
+        info = VQInfo(
+            indices=indices.view(b, h, w),
+            loss=loss,
+            codebook_loss=codebook_term.detach(),
+            commitment_loss=commitment.detach(),
+            usage=float((counts > 0).float().mean()),
+            perplexity=float(perplexity),
+        )
+        return rearrange(z_q, "b h w c -> b c h w").contiguous(), info
+
+    @torch.no_grad()
+    def _update(self, flat: Tensor, indices: Tensor, counts: Tensor) -> None:
+        onehot_sum = torch.zeros(self.num_codes, self.dim, device=flat.device).index_add_(0, indices, flat)
+        if self.ema_decay is not None:
+            d = self.ema_decay
+            counts_all = _all_reduce_sum(counts.clone())
+            sums_all = _all_reduce_sum(onehot_sum)
+            self.ema_cluster_size.mul_(d).add_(counts_all, alpha=1 - d)
+            self.ema_embed_sum.mul_(d).add_(sums_all, alpha=1 - d)
+            n = self.ema_cluster_size.sum()
+            # Laplace smoothing keeps unused codes from dividing by zero (VQ-VAE App. A.1 implementations).
+            size = (self.ema_cluster_size + 1e-5) / (n + self.num_codes * 1e-5) * n
+            self.embedding.weight.copy_(self.ema_embed_sum / size[:, None])
+        if self.restart_dead_codes:
+            counts_all = _all_reduce_sum(counts.clone())
+            self.ema_usage.mul_(0.99).add_(counts_all / counts_all.sum().clamp_min(1), alpha=0.01)
+            dead = self.ema_usage < self.dead_threshold / self.num_codes
+            n_dead = int(dead.sum())
+            if n_dead:
+                pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+                new = flat[pick]
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast(new, src=0)  # every rank restarts with rank 0's choice
+                self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
+                self.ema_usage[dead] = 1.0 / self.num_codes
+                if self.ema_decay is not None:
+                    self.ema_cluster_size[dead] = 1.0
+                    self.ema_embed_sum[dead] = new
+
+
+class VQAutoencoder(PretrainedMixin, nn.Module):
+    """VQGAN-style autoencoder; ``state_dict()`` matches diffusers' ``VQModel``."""
+
+    config_class: ClassVar[type] = VQConfig
+    presets: ClassVar[dict[str, Any]] = VQ_PRESETS
+    diffusers_class_name: ClassVar[str] = "VQModel"
+    training_only_prefixes: ClassVar[tuple[str, ...]] = ("quantize.ema_",)
+
+    def __init__(self, config: VQConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        config = dataclasses.replace(config or VQConfig(), **overrides)
+        self.config = config
+        shared = dict(
+            block_out_channels=config.block_out_channels,
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+            mid_block_add_attention=config.mid_block_add_attention,
+        )
+        self.encoder = Encoder(config.in_channels, config.latent_channels, **shared)
+        self.quant_conv = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
+        self.quantize = VectorQuantizer(
+            config.num_vq_embeddings,
+            config.embed_dim,
+            beta=config.beta,
+            legacy=config.legacy,
+            l2_normalize=config.l2_normalize,
+            ema_decay=config.ema_decay,
+            restart_dead_codes=config.restart_dead_codes,
+        )
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
+        self.decoder = Decoder(config.latent_channels, config.out_channels, **shared)
+
+    def encode(self, x: Tensor, tile_size: int | None = None) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> pre-quantization latents (B, embed_dim, H/f, W/f), float32."""
+        check_input(x, self.config.in_channels, "images")
+        h = run(self.encoder, self._to_model(x), tile_size, self.config.downsample_factor)
+        return self.quant_conv(h).float()
+
+    def quantize_latents(self, h: Tensor) -> tuple[Tensor, VQInfo]:
+        """Latents -> (codebook vectors with straight-through gradient, VQInfo)."""
+        return self.quantize(h)
+
+    def decode(self, z_q: Tensor, tile_size: int | None = None) -> Tensor:
+        """Quantized latents (B, embed_dim, h, w) -> images (B, C, h*f, w*f), float32."""
+        check_input(z_q, self.config.embed_dim, "latents")
+        z = self.post_quant_conv(self._to_model(z_q))
+        return run(self.decoder, z, tile_size, 1.0 / self.config.downsample_factor).float()
+
+    def decode_indices(self, indices: Tensor, tile_size: int | None = None) -> Tensor:
+        """Code indices (B, h, w) -> images."""
+        return self.decode(self.quantize.lookup(indices), tile_size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, VQInfo]:
+        """Reconstruction and quantizer info, as ``AutoencoderKL.forward`` returns (recon, posterior)."""
+        z_q, info = self.quantize(self.encode(x))
+        return self.decode(z_q), info
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        return z * self.config.scaling_factor
+
+    def unscale_latents(self, z: Tensor) -> Tensor:
+        return z / self.config.scaling_factor
