@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, read_state_dict
 from .distributions import DiagonalGaussian
 
-
 # torchvision's ImageNet weights for each LPIPS backbone (file name from the official URL).
 _BACKBONES = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights"}
 
@@ -271,7 +270,7 @@ class AutoencoderLoss(nn.Module):
         """GAN factor f(step): 0 before ``disc_start``, ``disc_factor`` from then on."""
         return self.config.disc_factor if step >= self.config.disc_start else 0.0
 
-    def adaptive_weight(self, nll: Tensor, g: Tensor, last_layer: Tensor) -> Tensor:
+    def adaptive_weight(self, nll: Tensor, g: Tensor, last_layer: Tensor | None) -> Tensor:
         """Esser et al. eq. 7: ||grad nll|| / (||grad g|| + 1e-4), clamped, detached, times ``disc_weight``.
 
         Zero when gradients are off (validation), as in LDM.
@@ -281,8 +280,15 @@ class AutoencoderLoss(nn.Module):
             return torch.tensor(cfg.disc_weight, device=nll.device)
         if not (torch.is_grad_enabled() and nll.requires_grad and g.requires_grad):
             return torch.zeros((), device=nll.device)
-        (nll_grad,) = torch.autograd.grad(nll, last_layer, retain_graph=True)
-        (g_grad,) = torch.autograd.grad(g, last_layer, retain_graph=True)
+        if last_layer is None:
+            raise ValueError("the adaptive GAN weight needs last_layer (the decoder's last conv weight)")
+        nll_grad, g_grad = (
+            torch.autograd.grad(t, last_layer, retain_graph=True, allow_unused=True)[0] for t in (nll, g)
+        )
+        if nll_grad is None or g_grad is None:
+            raise ValueError(
+                "last_layer is not in the graph of the loss: pass the decoder's last conv weight"
+            )
         # fp32 norms: under bf16/fp16 autocast the squared sums of large layers lose precision or overflow.
         ratio = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
         return ratio.clamp(0.0, cfg.adaptive_weight_max).detach() * cfg.disc_weight
@@ -293,7 +299,7 @@ class AutoencoderLoss(nn.Module):
         recon: Tensor,
         reg: DiagonalGaussian | Any,
         logits_fake: Tensor | None,
-        last_layer: Tensor,
+        last_layer: Tensor | None,
         step: int,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Autoencoder (generator) loss and its logs.
@@ -351,7 +357,7 @@ class AutoencoderLoss(nn.Module):
             "g": g,
             "d_weight": d_weight,
             "disc_factor": torch.tensor(factor, device=x.device),
-            "logvar": self.logvar,
+            "logvar": self.logvar.clone(),  # a copy: the optimizer updates the parameter in place
         }
         return loss, {k: v.detach().float() for k, v in logs.items()}
 
