@@ -197,16 +197,15 @@ class PerceptualLoss(nn.Module):
                 "or set perceptual_weight = 0"
             )
         # pretrained=False and pnet_rand=True: lpips builds both parts randomly and downloads nothing;
-        # both weight files are then read here with weights_only loading (lpips' own torch.load is not).
+        # both weight files are then read here with weights_only loading (lpips' own torch.load does not ask for it).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation
             model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
         linear = read_state_dict(Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth")
         # "lins.<i>" aliases "lin<i>" (the same modules) and the scaling layer is constant, so the file holds
         # exactly the lin<i> weights.
-        if set(linear) != {
-            k for k in model.state_dict() if k.startswith("lin") and not k.startswith("lins.")
-        }:
+        wanted = {k for k in model.state_dict() if k.startswith("lin") and not k.startswith("lins.")}
+        if set(linear) != wanted:
             raise CheckpointError(f"lpips' {net}.pth does not fit LPIPS({net!r}): lpips version mismatch?")
         model.load_state_dict(linear, strict=False)
         if not random_backbone:
