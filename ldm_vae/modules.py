@@ -139,8 +139,9 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        # Registered in diffusers' order, so state_dict() lists keys in the same order too.
         self.attentions = nn.ModuleList([Attention(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
 
 
 @dataclass(frozen=True)
@@ -233,13 +234,14 @@ class Decoder(_Sequential):
         super().__init__()
         chans = tuple(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
-        self.mid_block = MidBlock(chans[0], norm_num_groups, mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             UpBlock(
                 chans[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups, upsample=i < len(chans) - 1
             )
             for i, c in enumerate(chans)
         )
+        # After up_blocks: diffusers registers them in this order (and so orders state_dict keys).
+        self.mid_block = MidBlock(chans[0], norm_num_groups, mid_block_add_attention)
         self.conv_norm_out = GroupNorm(norm_num_groups, chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
