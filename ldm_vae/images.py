@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .checkpoint import atomic_path
@@ -83,10 +83,12 @@ def load_image(path: str | os.PathLike) -> Tensor:
             im.load()
             im = ImageOps.exif_transpose(im)
             v = _to_unit_rgb(im)  # (H, W, 3) in [0, 1]
-    except ImageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many unrelated types on malformed data
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognized format)") from None
+    except Exception as e:  # PIL's decoders raise many unrelated types on malformed data
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "truncat" in reason.lower():
+            raise ImageError(f"{path}: image file is truncated ({reason})") from None
         raise ImageError(f"{path}: not a readable image ({reason})") from None
     return rearrange(torch.from_numpy(v), "h w c -> c h w") * 2.0 - 1.0
 
