@@ -103,15 +103,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return obj
 
 
-def read_diffusers_folder(
-    folder: Path, variant: str | None = None
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Reads ``config.json`` and the weights (single, sharded, or legacy .bin) of a diffusers model folder."""
+def read_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a diffusers model folder."""
     config_path = folder / CONFIG_NAME
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read config ({e})") from None
+
+
+def read_diffusers_weights(folder: Path, variant: str | None = None) -> dict[str, Tensor]:
+    """The weights of a diffusers model folder: single safetensors, sharded index, or legacy ``.bin``."""
     stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     single, index, legacy = (
         folder / f"{stem}.safetensors",
@@ -119,7 +121,7 @@ def read_diffusers_folder(
         folder / f"{stem}.bin",
     )
     if single.is_file():
-        return config, read_state_dict(single)
+        return read_state_dict(single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -133,9 +135,9 @@ def read_diffusers_folder(
             raise CheckpointError(
                 f"{index}: {len(missing)} tensors listed but absent, e.g. {sorted(missing)[:3]}"
             )
-        return config, state_dict
+        return state_dict
     if legacy.is_file():
-        return config, read_state_dict(legacy)
+        return read_state_dict(legacy)
     raise CheckpointError(f"{folder}: has {CONFIG_NAME} but no {single.name}, {index.name} or {legacy.name}")
 
 

@@ -70,11 +70,14 @@ class PretrainedMixin:
 
         path = ckpt.resolve_source(src)
         if path.is_dir():
-            raw_cfg, state_dict = ckpt.read_diffusers_folder(path, variant)
+            raw_cfg = ckpt.read_config(path)
             expected = cls.diffusers_class_name
             if raw_cfg.get("_class_name", expected) != expected:
                 raise ckpt.CheckpointError(f"{path}: holds a {raw_cfg['_class_name']}, not a {expected}")
-            model = cls(config_from_dict(cls.config_class, raw_cfg, **overrides))
+            model = cls(
+                config_from_dict(cls.config_class, raw_cfg, **overrides)
+            )  # fails before reading weights
+            state_dict = ckpt.read_diffusers_weights(path, variant)
             ckpt.check_and_load(model, state_dict, str(path), optional=cls.training_only_prefixes)
         elif path.is_file() or path.suffix:
             model = cls._from_single_file(path, config, overrides)
