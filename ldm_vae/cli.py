@@ -319,7 +319,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     }
     write_json(report, metrics_path)
     _print_table(rows, mean, f)
-    print(f"wrote {len(rows)} reconstructions and {metrics_path.name} to {out_dir}", file=sys.stderr)
+    print(f"wrote {len(rows)} reconstruction(s) and {metrics_path.name} to {out_dir}", file=sys.stderr)
     return 0
 
 
