@@ -76,7 +76,7 @@ class VectorQuantizer(nn.Module):
         l2_normalize: bool = False,
         ema_decay: float | None = None,
         restart_dead_codes: bool = False,
-        dead_threshold: float = 1e-3,
+        dead_threshold: float = 0.01,
     ) -> None:
         super().__init__()
         self.num_codes, self.dim, self.beta, self.legacy = num_codes, dim, beta, legacy
@@ -89,8 +89,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_cluster_size", torch.zeros(num_codes))
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         if restart_dead_codes:
-            # Running usage per code; starts "alive" so nothing is restarted before it had a chance.
-            self.register_buffer("ema_usage", torch.ones(num_codes))
+            # Running fraction of assignments per code, starting uniform; a code whose share decays below
+            # dead_threshold / num_codes (about 460 steps unused at decay 0.99) is dead.
+            self.register_buffer("ema_usage", torch.full((num_codes,), 1.0 / num_codes))
 
     def codebook(self) -> Tensor:
         e = self.embedding.weight

@@ -252,7 +252,7 @@ def test_vq_diffusers_folder_round_trip_and_parity(tmp_path):
     ours.save_pretrained(tmp_path / "vq")
     theirs = diffusers.VQModel.from_pretrained(tmp_path / "vq")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    recon, info = ours(x)
+    recon, _ = ours(x)
     assert (recon - theirs(x).sample).abs().max() <= 1e-5
     assert (ours.encode(x) - theirs.encode(x).latents).abs().max() <= 1e-5
     theirs.save_pretrained(tmp_path / "back")
