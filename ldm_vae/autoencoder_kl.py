@@ -53,39 +53,42 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
 
     # ------------------------------------------------------------------------------------- model
 
-    def encode(self, x: Tensor, tile_size: int | None = None) -> DiagonalGaussian:
+    def encode(
+        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+    ) -> DiagonalGaussian:
         """Images (B, C, H, W) in [-1, 1], any float dtype -> posterior over (B, latent_channels, H/f, W/f).
 
         Args:
             x: images.
             tile_size: tile edge in image pixels for the exact tiled encoder, or None for one pass.
+            max_memory: byte budget for the tiled run's activations (picks tile_size when it is None).
         """
         check_input(x, self.config.in_channels, "images")
         x = self._to_model(x)
-        h = run(self.encoder, x, tile_size, self.config.downsample_factor)  # (B, 2z, h, w)
+        h = run(self.encoder, x, tile_size, 1, max_memory)  # (B, 2z, h, w)
         moments = self.quant_conv(h) if self.quant_conv is not None else h
         return DiagonalGaussian(moments.float())
 
-    def decode(self, z: Tensor, tile_size: int | None = None) -> Tensor:
+    def decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Raw latents (B, latent_channels, h, w) -> images (B, C, h*f, w*f), float32.
 
         In fp16 a decode that overflows is redone once in fp32 (and the model stays fp32), as diffusers'
         ``force_upcast`` would have done up front.
         """
         check_input(z, self.config.latent_channels, "latents")
-        out = self._decode(z, tile_size)
+        out = self._decode(z, tile_size, max_memory)
         if self.dtype == torch.float16 and not torch.isfinite(out).all():
             warnings.warn(
                 "fp16 decode overflowed; upcasting the VAE to fp32 and decoding again", stacklevel=2
             )
             self.to(torch.float32, memory_format=torch.contiguous_format)
-            out = self._decode(z, tile_size)
+            out = self._decode(z, tile_size, max_memory)
         return out
 
-    def _decode(self, z: Tensor, tile_size: int | None) -> Tensor:
+    def _decode(self, z: Tensor, tile_size: int | None, max_memory: int | None) -> Tensor:
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
-        return run(self.decoder, z, tile_size, 1.0 / self.config.downsample_factor).float()
+        return run(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None

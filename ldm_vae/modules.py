@@ -160,12 +160,19 @@ class Unit:
     scale: float = 1.0
     convs: int = 0
     is_global: bool = False
+    norms: tuple[GroupNorm, ...] = ()  # GroupNorms inside fn, in execution order
+
+    @classmethod
+    def of(cls, module: nn.Module, **kwargs) -> Unit:
+        """A unit running ``module``, with its GroupNorms listed."""
+        norms = tuple(m for m in module.modules() if isinstance(m, GroupNorm))
+        return cls(module, norms=norms, **kwargs)
 
 
 def _mid_units(mid: MidBlock) -> list[Unit]:
-    units = [Unit(mid.resnets[0], convs=2)]
-    units += [Unit(a, is_global=True) for a in mid.attentions]
-    return [*units, Unit(mid.resnets[1], convs=2)]
+    units = [Unit.of(mid.resnets[0], convs=2)]
+    units += [Unit.of(a, is_global=True) for a in mid.attentions]
+    return [*units, Unit.of(mid.resnets[1], convs=2)]
 
 
 class _Sequential(nn.Module):
@@ -212,11 +219,12 @@ class Encoder(_Sequential):
         return self.conv_out(self.conv_norm_out(x, act=True))  # (B, out_channels, h, w)
 
     def units(self) -> list[Unit]:
-        units = [Unit(self.conv_in, convs=1)]  # (B, chans[0], H, W)
+        units = [Unit.of(self.conv_in, convs=1)]  # (B, chans[0], H, W)
         for block in self.down_blocks:
-            units += [Unit(r, convs=2) for r in block.resnets]
-            units += [Unit(d, scale=0.5, convs=1) for d in block.downsamplers]  # halves H, W
-        return [*units, *_mid_units(self.mid_block), Unit(self._head, convs=1)]
+            units += [Unit.of(r, convs=2) for r in block.resnets]
+            units += [Unit.of(d, scale=0.5, convs=1) for d in block.downsamplers]  # halves H, W
+        head = Unit(self._head, convs=1, norms=(self.conv_norm_out,))
+        return [*units, *_mid_units(self.mid_block), head]
 
 
 class Decoder(_Sequential):
@@ -249,8 +257,8 @@ class Decoder(_Sequential):
         return self.conv_out(self.conv_norm_out(x, act=True))  # (B, out_channels, H, W)
 
     def units(self) -> list[Unit]:
-        units = [Unit(self.conv_in, convs=1), *_mid_units(self.mid_block)]  # (B, chans[0], h, w)
+        units = [Unit.of(self.conv_in, convs=1), *_mid_units(self.mid_block)]  # (B, chans[0], h, w)
         for block in self.up_blocks:
-            units += [Unit(r, convs=2) for r in block.resnets]
-            units += [Unit(u, scale=2.0, convs=1) for u in block.upsamplers]  # doubles H, W
-        return [*units, Unit(self._head, convs=1)]
+            units += [Unit.of(r, convs=2) for r in block.resnets]
+            units += [Unit.of(u, scale=2.0, convs=1) for u in block.upsamplers]  # doubles H, W
+        return [*units, Unit(self._head, convs=1, norms=(self.conv_norm_out,))]

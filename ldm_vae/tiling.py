@@ -1,12 +1,270 @@
-"""Exact tiled execution of the Encoder/Decoder (placeholder: filled in by the tiling work)."""
+"""Exact tiled execution of the Encoder/Decoder in bounded memory.
+
+Tiling a VAE naively (diffusers' ``enable_tiling``) runs each tile as if it were the whole image and blends the
+overlaps: every GroupNorm then normalizes with its tile's statistics and the attention sees only its tile, which
+shows as seams and tone shifts. Here the result equals the untiled one up to float rounding:
+
+* each tile carries a halo wide enough that no 3x3 convolution's zero padding reaches its centre;
+* every GroupNorm uses statistics over the whole image: per-(sample, group) sums and sums of squares are
+  accumulated over the tiles' own (non-halo) regions in float64 and combined, not averaged per tile;
+* attention (the mid block, at the lowest resolution) always runs over all positions at once.
+
+The network is a list of units (:class:`ldm_vae.modules.Unit`). Full-size activations ("stores") are kept only
+where they fit the memory budget; between stores, a GroupNorm's statistics are found by a pass over all tiles
+that stops at that norm, so high-resolution stretches are recomputed from the last store instead of stored.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor, nn
 
+from .modules import GroupNorm, Unit
 
-def run(net: nn.Module, x: Tensor, tile_size: int | None, pixels_per_input: float) -> Tensor:
-    """Runs ``net`` on ``x`` in one pass, or exactly tiled with ``tile_size`` image pixels per tile edge."""
-    if tile_size is None:
+GIB = 1024**3
+DEFAULT_STORE_BUDGET = 1 * GIB  # full-size activations kept at once when no max_memory is given
+
+
+class _StopPass(Exception):
+    """Raised by a GroupNorm whose statistics are being collected: the rest of the tile is not needed."""
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A 1-D tile: the output positions it owns and the input crop that computes them."""
+
+    out0: int  # owned output range [out0, out1) at the pass's output resolution
+    out1: int
+    in0: int  # input crop [in0, in1) at the store's resolution
+    in1: int
+    last: bool  # reaches the end of the image (owns the remainder of every resolution's rows/columns)
+
+
+def run(
+    net: nn.Module,
+    x: Tensor,
+    tile_size: int | None,
+    pixels_per_input: int,
+    max_memory: int | None = None,
+) -> Tensor:
+    """Runs ``net`` on ``x`` in one pass, or exactly tiled.
+
+    Args:
+        net: an Encoder or Decoder (anything with ``units()``).
+        x: input (B, C, H, W): an image for the encoder, a latent for the decoder.
+        tile_size: tile edge in image pixels; None runs untiled unless ``max_memory`` is set.
+        pixels_per_input: image pixels per input pixel (1 for the encoder, f for the decoder).
+        max_memory: bytes the tiled run may use for activations (stores plus tile work); picks
+            ``tile_size`` when that is None. Default: 1 GiB of stores.
+    """
+    if tile_size is None and max_memory is None:
         return net(x)
-    raise NotImplementedError("exact tiling is not implemented yet")
+    units = net.units()
+    if tile_size is None:
+        tile_size = tile_size_for(units, x, pixels_per_input, max_memory)
+    if tile_size < 8:
+        raise ValueError(f"tile_size must be at least 8 image pixels, got {tile_size}")
+    if max(x.shape[-2:]) * pixels_per_input <= tile_size:
+        return net(x)  # one tile is the whole image
+    store_budget = DEFAULT_STORE_BUDGET if max_memory is None else int(max_memory * STORE_SHARE)
+    with torch.no_grad():
+        return _TiledRun(units, tile_size, pixels_per_input, store_budget)(x)
+
+
+STORE_SHARE = 0.6  # of max_memory for full-size activations; the rest is for the tile being computed
+
+
+def tile_size_for(units: list[Unit], x: Tensor, pixels_per_input: int, max_memory: int) -> int:
+    """The largest tile edge (image pixels, multiple of 64) whose working set fits the non-store share.
+
+    A tile's peak is about four live activations of the widest layer per image pixel, over the tile and a
+    halo of every convolution from the input.
+    """
+    factor, bytes_per_px, halo = float(pixels_per_input), 0.0, 0.0
+    for u in units:
+        out_factor = factor / u.scale
+        convs = [m for m in getattr(u.fn, "modules", list)() if isinstance(m, nn.Conv2d)]
+        if convs:
+            widest = max(max(c.in_channels, c.out_channels) for c in convs)
+            bytes_per_px = max(bytes_per_px, 4 * widest * x.element_size() / min(factor, out_factor) ** 2)
+        halo += u.convs * max(factor, out_factor)
+        factor = out_factor
+    budget = max_memory * (1 - STORE_SHARE)
+    edge = int(math.sqrt(budget / max(bytes_per_px * x.shape[0], 1e-9)) - 2 * halo)
+    return max(64, edge // 64 * 64)
+
+
+def _out_size(n: int, units: list[Unit]) -> int:
+    """Spatial size after ``units`` for input size ``n`` (LDM's stride-2 conv with (0, 1) padding floors)."""
+    for u in units:
+        n = n // 2 if u.scale == 0.5 else int(n * u.scale)
+    return n
+
+
+class _TiledRun:
+    def __init__(self, units: list[Unit], tile_size: int, pixels_per_input: int, store_budget: int) -> None:
+        self.units, self.tile_size, self.store_budget = units, tile_size, store_budget
+        # Image pixels per feature pixel at each unit's input (and, at the end, the output).
+        self.factors = [float(pixels_per_input)]
+        for u in units:
+            self.factors.append(self.factors[-1] / u.scale)
+        self.stats: dict[GroupNorm, tuple[Tensor, Tensor]] = {}  # norm -> (mean, rstd), each (B, G)
+        # Norms of tiled units run at their unit's input resolution; attention's norm sees the full input.
+        self.norm_factor = {
+            n: self.factors[i] for i, u in enumerate(units) if not u.is_global for n in u.norms
+        }
+        self.collecting: GroupNorm | None = None
+        self.sums: dict[GroupNorm, list[Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------------- driver
+
+    def __call__(self, x: Tensor) -> Tensor:
+        store, start = x, 0  # store = activation at the input of units[start]
+        norms = list(self.norm_factor)
+        for norm in norms:
+            norm.stats_hook = self._hook
+        try:
+            for i, unit in enumerate(self.units):
+                if unit.is_global:
+                    store = self._materialize(store, start, i) if start < i else store
+                    store, start = unit.fn(store), i + 1
+                    continue
+                for norm in unit.norms:
+                    self._collect(store, start, i + 1, norm)
+                out_bytes = _numel_after(store, self.units[start : i + 1]) * store.element_size()
+                if store.numel() * store.element_size() + out_bytes <= self.store_budget:
+                    store, start = self._materialize(store, start, i + 1), i + 1
+            return self._materialize(store, start, len(self.units)) if start < len(self.units) else store
+        finally:
+            for norm in norms:
+                norm.stats_hook = None
+
+    # ----------------------------------------------------------------------------------------- passes
+
+    def _collect(self, store: Tensor, start: int, stop: int, norm: GroupNorm) -> None:
+        """One pass over all tiles, up to ``norm``, summing its input over each tile's own region."""
+        b = store.shape[0]
+        self.collecting = norm
+        self.sums[norm] = [
+            torch.zeros(b, norm.num_groups, dtype=torch.float64, device=store.device) for _ in range(3)
+        ]
+        for _ in self._tiles(store, start, stop):
+            pass
+        self.collecting = None
+        n, s, sq = self.sums.pop(norm)
+        mean = s / n
+        var = (sq / n - mean * mean).clamp_min(0)
+        self.stats[norm] = (mean.float(), torch.rsqrt(var + norm.eps).float())
+
+    def _materialize(self, store: Tensor, start: int, stop: int) -> Tensor:
+        """Runs units[start:stop] over all tiles into a new full-size tensor."""
+        out = None
+        for (ys, xs), y in self._tiles(store, start, stop):
+            if out is None:
+                h, w = (_out_size(n, self.units[start:stop]) for n in store.shape[-2:])
+                out = torch.empty(
+                    y.shape[0], y.shape[1], h, w, dtype=y.dtype, device=y.device, memory_format=_layout(y)
+                )
+            out[..., ys.out0 : ys.out1, xs.out0 : xs.out1] = y
+        return out
+
+    def _tiles(self, store: Tensor, start: int, stop: int):
+        """Yields ((row span, column span), tile output cropped to its own region) for units[start:stop]."""
+        units = self.units[start:stop]
+        f_in, f_out = self.factors[start], self.factors[stop]
+        # Error from a tile edge spreads one pixel per 3x3 conv; count it in image pixels at the coarser side.
+        halo_px = sum(
+            u.convs * max(self.factors[start + k], self.factors[start + k + 1]) for k, u in enumerate(units)
+        )
+        ratio = f_out / f_in  # > 1 when the units downsample (encoder)
+        align = max(1, round(ratio))  # crops start on the downsampling grid
+        halo = math.ceil(halo_px / f_in / align) * align
+        # Output tiles are whole multiples of the coarsest resolution in the chain, so every intermediate
+        # resolution's region boundaries are integers.
+        coarsest = max(self.factors[start : stop + 1])
+        step = max(1, round(coarsest / f_out))
+        tile_out = max(step, (max(1, round(self.tile_size / f_out)) // step) * step)
+        rows = self._spans(store.shape[-2], units, tile_out, ratio, halo)
+        cols = self._spans(store.shape[-1], units, tile_out, ratio, halo)
+        for ys in rows:
+            for xs in cols:
+                self.tile = (ys, xs, f_in, f_out)
+                crop = store[..., ys.in0 : ys.in1, xs.in0 : xs.in1]
+                try:
+                    y = crop
+                    for u in units:
+                        y = u.fn(y)
+                except _StopPass:
+                    continue
+                # Local output index of global out0: crops start on the grid, so this is exact.
+                oy, ox = round(ys.in0 / ratio), round(xs.in0 / ratio)
+                yield (ys, xs), y[..., ys.out0 - oy : ys.out1 - oy, xs.out0 - ox : xs.out1 - ox]
+
+    @staticmethod
+    def _spans(n_in: int, units: list[Unit], tile_out: int, ratio: float, halo: int) -> list[_Span]:
+        n_out = _out_size(n_in, units)
+        spans = []
+        for o0 in range(0, n_out, tile_out):
+            o1 = min(o0 + tile_out, n_out)
+            i0 = max(0, round(o0 * ratio) - halo)
+            i1 = n_in if o1 == n_out else min(n_in, round(o1 * ratio) + halo)
+            spans.append(_Span(o0, o1, i0, i1, last=o1 == n_out))
+        return spans
+
+    # ----------------------------------------------------------------------------------------- norms
+
+    def _own_region(self, norm: GroupNorm, x: Tensor) -> tuple[slice, slice]:
+        """The part of ``x`` (this tile's input to ``norm``) that the tile owns, in x's local coordinates."""
+        ys, xs, f_in, f_out = self.tile
+        f_norm = self.norm_factor[norm]
+        slices = []
+        for span, n_local in ((ys, x.shape[-2]), (xs, x.shape[-1])):
+            g0 = round(span.in0 * f_in / f_norm)  # global index of x's first row at the norm's resolution
+            own0 = round(span.out0 * f_out / f_norm)
+            own1 = g0 + n_local if span.last else round(span.out1 * f_out / f_norm)
+            slices.append(slice(own0 - g0, own1 - g0))
+        return slices[0], slices[1]
+
+    def _hook(self, norm: GroupNorm, x: Tensor) -> Tensor:
+        if norm in self.stats:
+            mean, rstd = self.stats[norm]
+            return _group_norm_with_stats(x, norm, mean, rstd)
+        if norm is not self.collecting:
+            raise RuntimeError("exact tiling reached a GroupNorm before its statistics were collected")
+        ry, rx = self._own_region(norm, x)
+        own = x[..., ry, rx].to(torch.float64)
+        b = own.shape[0]
+        own = own.reshape(b, norm.num_groups, -1)
+        n, s, sq = self.sums[norm]
+        n += own.shape[-1]
+        s += own.sum(-1)
+        sq += own.square().sum(-1)
+        raise _StopPass
+
+
+def _group_norm_with_stats(x: Tensor, norm: GroupNorm, mean: Tensor, rstd: Tensor) -> Tensor:
+    """GroupNorm of ``x`` with given per-(sample, group) mean and 1/std, then the affine transform."""
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    scale = (rstd[:, :, None] * norm.weight.float().view(1, g, c // g)).reshape(b, c, 1, 1)
+    shift = norm.bias.float().view(1, c, 1, 1) - (
+        mean[:, :, None].expand(b, g, c // g).reshape(b, c, 1, 1) * scale
+    )
+    return (x.float() * scale + shift).to(x.dtype)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _numel_after(store: Tensor, units: list[Unit]) -> int:
+    """Elements of the activation after ``units`` applied to ``store``."""
+    h, w = (_out_size(n, units) for n in store.shape[-2:])
+    convs = [m for m in getattr(units[-1].fn, "modules", list)() if isinstance(m, nn.Conv2d)]
+    channels = convs[-1].out_channels if convs else store.shape[1]
+    return store.shape[0] * channels * h * w

@@ -199,25 +199,27 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config.latent_channels, config.out_channels, **shared)
 
-    def encode(self, x: Tensor, tile_size: int | None = None) -> Tensor:
+    def encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> pre-quantization latents (B, embed_dim, H/f, W/f), float32."""
         check_input(x, self.config.in_channels, "images")
-        h = run(self.encoder, self._to_model(x), tile_size, self.config.downsample_factor)
+        h = run(self.encoder, self._to_model(x), tile_size, 1, max_memory)
         return self.quant_conv(h).float()
 
     def quantize_latents(self, h: Tensor) -> tuple[Tensor, VQInfo]:
         """Latents -> (codebook vectors with straight-through gradient, VQInfo)."""
         return self.quantize(h)
 
-    def decode(self, z_q: Tensor, tile_size: int | None = None) -> Tensor:
+    def decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Quantized latents (B, embed_dim, h, w) -> images (B, C, h*f, w*f), float32."""
         check_input(z_q, self.config.embed_dim, "latents")
         z = self.post_quant_conv(self._to_model(z_q))
-        return run(self.decoder, z, tile_size, 1.0 / self.config.downsample_factor).float()
+        return run(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
-    def decode_indices(self, indices: Tensor, tile_size: int | None = None) -> Tensor:
+    def decode_indices(
+        self, indices: Tensor, tile_size: int | None = None, max_memory: int | None = None
+    ) -> Tensor:
         """Code indices (B, h, w) -> images."""
-        return self.decode(self.quantize.lookup(indices), tile_size)
+        return self.decode(self.quantize.lookup(indices), tile_size, max_memory)
 
     def forward(self, x: Tensor) -> tuple[Tensor, VQInfo]:
         """Reconstruction and quantizer info, as ``AutoencoderKL.forward`` returns (recon, posterior)."""

@@ -1,0 +1,98 @@
+"""Exact tiling: tiled encode/decode equal the untiled result up to float rounding."""
+
+import pytest
+import torch
+
+from ldm_vae import AutoencoderKL, AutoencoderKLConfig, VQAutoencoder, tiling
+from ldm_vae.config import PRESETS
+from ldm_vae.metrics import psnr
+
+THREE_LEVELS = AutoencoderKLConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def check_close(tiled, ref):
+    assert tiled.shape == ref.shape
+    assert (tiled - ref).abs().max() <= 1e-4
+    # PSNR on the value range of the reference (these are not images in [-1, 1]).
+    span = float(ref.max() - ref.min())
+    assert psnr(tiled, ref, data_range=span).min() >= 90
+
+
+@pytest.mark.parametrize("config", [PRESETS["tiny"], THREE_LEVELS], ids=["f2", "f4"])
+@pytest.mark.parametrize("size", [(64, 64), (52, 36), (45, 29)], ids=str)
+@torch.no_grad()
+def test_tiled_equals_untiled(config, size):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(config).eval()
+    f = config.downsample_factor
+    x = torch.rand(2, 3, *size) * 2 - 1
+    z = torch.randn(2, 4, size[0] // f, size[1] // f)
+    ref_enc, ref_dec = vae.encode(x), vae.decode(z)
+    for tile in (8, 16, 24):
+        enc = vae.encode(x, tile_size=tile)
+        check_close(enc.mean, ref_enc.mean)
+        check_close(enc.logvar, ref_enc.logvar)
+        check_close(vae.decode(z, tile_size=tile), ref_dec)
+
+
+@pytest.mark.parametrize("budget", [1, 200_000], ids=["recompute-everything", "some-stores"])
+@torch.no_grad()
+def test_exact_whatever_the_store_budget(budget, monkeypatch):
+    # A budget of 1 byte keeps no full-size activation: every norm's statistics come from recomputation.
+    monkeypatch.setattr(tiling, "DEFAULT_STORE_BUDGET", budget)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(THREE_LEVELS).eval()
+    x = torch.rand(1, 3, 40, 56) * 2 - 1
+    check_close(vae.encode(x, tile_size=16).mean, vae.encode(x).mean)
+    z = torch.randn(1, 4, 10, 14)
+    check_close(vae.decode(z, tile_size=16), vae.decode(z))
+
+
+@torch.no_grad()
+def test_sd_shaped_fp32():
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("sd")
+    x = torch.rand(1, 3, 72, 56) * 2 - 1
+    check_close(vae.encode(x, tile_size=32).mean, vae.encode(x).mean)
+    z = torch.randn(1, 4, 9, 7)
+    check_close(vae.decode(z, tile_size=32), vae.decode(z))
+
+
+@torch.no_grad()
+def test_vq_tiled():
+    torch.manual_seed(0)
+    vq = VQAutoencoder.from_pretrained("tiny")
+    x = torch.rand(1, 3, 44, 36) * 2 - 1
+    check_close(vq.encode(x, tile_size=16), vq.encode(x))
+    z_q, _ = vq.quantize_latents(vq.encode(x))
+    check_close(vq.decode(z_q, tile_size=16), vq.decode(z_q))
+
+
+def test_naive_tiling_is_not_exact():
+    """The property that makes the engine necessary: per-tile GroupNorm statistics change the output."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("tiny")
+    z = torch.randn(1, 4, 16, 16) * torch.linspace(0.1, 3, 16)  # statistics differ across the image
+    with torch.no_grad():
+        full = vae.decode(z)
+        left = vae.decode(z[..., :8])[..., :16]
+    assert (left - full[..., :16]).abs().max() > 1e-2
+
+
+def test_max_memory_picks_a_tile_size():
+    vae = AutoencoderKL.from_pretrained("sd")
+    units = vae.decoder.units()
+    z = torch.zeros(1, 4, 256, 256)
+    small = tiling.tile_size_for(units, z, 8, 1 * 2**30)
+    large = tiling.tile_size_for(units, z, 8, 8 * 2**30)
+    assert 64 <= small < large and small % 64 == 0
+    with pytest.raises(ValueError, match="tile_size must be at least 8"):
+        vae.decode(torch.zeros(1, 4, 4, 4), tile_size=4)
+
+
+def test_grad_mode_is_restored_and_hooks_removed():
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("tiny")
+    vae.decode(torch.randn(1, 4, 12, 12), tile_size=8)
+    assert all(getattr(m, "stats_hook", None) is None for m in vae.modules())
+    assert torch.is_grad_enabled()
