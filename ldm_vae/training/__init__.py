@@ -1,0 +1,55 @@
+"""Reusable pieces of the training scripts (``scripts/train_vae.py``, the latent-diffusion trainer):
+typed configs with command-line overrides, image-folder data, EMA, atomic checkpoints, metrics logging."""
+
+from .checkpointing import CheckpointManager
+from .config import (
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    build_config,
+    load_config,
+    parse_command_line,
+    read_config_file,
+    to_dict,
+    write_config,
+)
+from .data import (
+    EpochSampler,
+    ImageFolderDataset,
+    list_images,
+    load_validation_images,
+    mix_seed,
+    validation_files,
+)
+from .ema import ModelEMA
+from .optim import build_optimizer, build_scheduler, learning_rates
+from .tracking import MetricsLog, read_metrics
+
+__all__ = [
+    "CheckpointManager",
+    "ConfigError",
+    "DataConfig",
+    "EpochSampler",
+    "ImageFolderDataset",
+    "MetricsLog",
+    "ModelEMA",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build_config",
+    "build_optimizer",
+    "build_scheduler",
+    "learning_rates",
+    "list_images",
+    "load_config",
+    "load_validation_images",
+    "mix_seed",
+    "parse_command_line",
+    "read_config_file",
+    "read_metrics",
+    "to_dict",
+    "validation_files",
+    "write_config",
+]
