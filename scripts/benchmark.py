@@ -127,7 +127,9 @@ def main() -> None:
     for op in args.ops:
         for size in sorted({*args.sizes, *args.tiled_sizes}):
             cases = [
-                c for c in args.cases if size in args.sizes or CASES[c][2] == "tiled" and c.startswith("ldm")
+                c
+                for c in args.cases
+                if size in args.sizes or (CASES[c][2] == "tiled" and c.startswith("ldm"))
             ]
             gen = torch.Generator().manual_seed(size)
             if op == "encode":
