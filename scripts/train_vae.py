@@ -386,9 +386,8 @@ def main(cfg: Config) -> Path:
                 f"exported {'EMA' if ema and cfg.train.export_ema else 'raw'} weights to {export_dir}"
             )
         # Every rank reports: DDP must have kept the autoencoder, discriminator and log-variance identical.
-        digests = " ".join(
-            f"{n}={weights_digest(m)}" for n, m in (("ae", ae), ("disc", disc_module), ("loss", loss_fn))
-        )
+        modules = {"ae": ae, "disc": disc_module, "loss": loss_fn}
+        digests = " ".join(f"{n}={weights_digest(m)}" for n, m in modules.items() if list(m.parameters()))
         print(f"[rank {rank}/{world}] weights sha256 {digests}", flush=True)
         accelerator.wait_for_everyone()
         return export_dir

@@ -95,6 +95,7 @@ def test_overrides_are_parsed_by_field_type(tmp_path):
         (["--optim", "1"], "--optim is a section"),
         (["--loss.rec_loss", "l3"], "LossConfig.rec_loss must be one of ('l1', 'l2'), got 'l3'"),
         (["--optim.lr"], "--optim.lr needs a value"),
+        (["--data.batch_size", "0"], "data: DataConfig.batch_size = 0 is out of range"),
         (["stray"], "unexpected argument 'stray'"),
     ],
 )

@@ -60,9 +60,12 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def fresh_accelerate():
     """Each in-process run gets its own Accelerate state (mixed precision etc. are process-global)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
+    reset_accelerate()
+
+
+def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
@@ -163,7 +166,7 @@ def test_loss_goes_down_and_the_discriminator_starts_at_disc_start(photos, tmp_p
     assert any(not torch.equal(disc[30][k], disc[45][k]) for k in disc[30])
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(photos, tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(photos, tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the killed run is a subprocess with OMP_NUM_THREADS=1: same kernels, same sums
     common = [
@@ -199,12 +202,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(photos, tmp_path):
             time.sleep(0.005)
         assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()
+        capsys.readouterr()
         tv.main(config(photos, tmp_path / "run", *common, ("train.resume", "latest")))
+        resumed = re.search(r"resumed from .*checkpoint-(\d+) at step (\d+)", capsys.readouterr().out)
     finally:
         torch.set_num_threads(threads)
 
+    assert resumed and 3 <= int(resumed[2]) <= 24 and int(resumed[1]) == int(resumed[2]), target
     final_ref, final = tmp_path / "ref" / "checkpoint-0000024", tmp_path / "run" / "checkpoint-0000024"
     for name in ("model", "model_1", "ema", "loss"):
         assert_same(state(final, name), state(final_ref, name))
@@ -238,8 +243,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(photos, tmp_path,
     assert (partial / "model.safetensors").is_file()  # Accelerate's part was written, ours was not
     assert not (partial / "trainer_state.json").exists()
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     tv.main(
         config(
             photos, run, ("train.max_steps", "6"), ("train.checkpoint_every", "2"), ("train.resume", "latest")
@@ -281,8 +285,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(photos, tmp_path, monkey
     )
     # The stop leaves no trace in the last good checkpoint: it resumes.
     monkeypatch.undo()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     tv.main(
         config(
             photos, run, ("train.max_steps", "6"), ("train.checkpoint_every", "2"), ("train.resume", "latest")

@@ -54,6 +54,10 @@ class DataConfig:
     )
     num_val: int = 8  # validation images (0 disables image validation)
 
+    def __post_init__(self) -> None:
+        _require(self, resolution=self.resolution >= 8, batch_size=self.batch_size >= 1)
+        _require(self, num_workers=self.num_workers >= 0, num_val=self.num_val >= 0)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -67,6 +71,10 @@ class OptimConfig:
     eps: float = 1e-8
     schedule: Literal["constant", "cosine"] = "constant"  # after the linear warmup
     warmup_steps: int = 0  # linear warmup from 0, in optimizer steps
+
+    def __post_init__(self) -> None:
+        _require(self, lr=self.lr > 0, disc_lr=self.disc_lr is None or self.disc_lr > 0)
+        _require(self, warmup_steps=self.warmup_steps >= 0, weight_decay=self.weight_decay >= 0)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,21 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard scalars
     tensorboard: bool = True  # log scalars and validation grids through Accelerate's TensorBoard tracker
     max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
+
+    def __post_init__(self) -> None:
+        _require(self, max_steps=self.max_steps >= 1, grad_accum=self.grad_accum >= 1)
+        _require(
+            self, checkpoint_every=self.checkpoint_every >= 1, keep_checkpoints=self.keep_checkpoints >= 1
+        )
+        _require(self, val_every=self.val_every >= 0, log_every=self.log_every >= 1)
+        _require(self, max_nonfinite=self.max_nonfinite >= 1, ema_decay=0 <= self.ema_decay < 1)
+
+
+def _require(section: Any, **checks: bool) -> None:
+    """Raises ValueError naming the first field whose check failed."""
+    for name, ok in checks.items():
+        if not ok:
+            raise ValueError(f"{type(section).__name__}.{name} = {getattr(section, name)!r} is out of range")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -130,7 +153,7 @@ def build_config(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def apply_overrides(cfg: T, overrides: Sequence[tuple[str, str]]) -> T:

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Training-step speed of scripts/train_vae.py in fp32 and under bf16 autocast, on this machine.
+
+Runs the real training loop (``train_vae.main``) for a few steps per precision on a small KL model and reads the
+per-step compute time it logs (forward, losses with the adaptive GAN weight, discriminator step, backward, AdamW,
+EMA; data loading excluded), then prints the median after warm-up:
+
+    python scripts/benchmark_train.py [--data-dir DIR] [--steps 12] [--warmup 3] [--resolution 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from ldm_vae.runtime import native_bf16
+from ldm_vae.training import load_config, read_metrics
+
+HERE = Path(__file__).resolve().parent
+PHOTOS = Path("/work/shared/data/photos")
+
+
+def _train_vae():
+    spec = importlib.util.spec_from_file_location("train_vae", HERE / "train_vae.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_vae"] = module  # the config dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_photos(folder: Path, count: int, size: int) -> Path:
+    """Smooth random images, for machines without a photo folder."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def run(tv, data_dir: Path, out: Path, precision: str, args: argparse.Namespace) -> list[float]:
+    """Per-step compute seconds of one short training run."""
+    overrides = [
+        ("model.overrides.block_out_channels", args.channels),
+        ("model.overrides.layers_per_block", "2"),
+        ("model.overrides.norm_num_groups", "32"),
+        ("loss.disc_start", "0"),  # the full step: generator, adaptive weight and discriminator
+        ("loss.disc_num_layers", "3"),
+        ("loss.disc_channels", "64"),
+        ("data.train_dir", str(data_dir)),
+        ("data.resolution", str(args.resolution)),
+        ("data.batch_size", str(args.batch_size)),
+        ("data.num_workers", "2"),
+        ("data.num_val", "0"),
+        ("train.output_dir", str(out)),
+        ("train.mixed_precision", precision),
+        ("train.max_steps", str(args.warmup + args.steps)),
+        ("train.checkpoint_every", "1000000"),
+        ("train.val_every", "0"),
+        ("train.log_every", "1"),
+        ("train.tensorboard", "false"),
+    ]
+    cfg = load_config(tv.Config, HERE / "configs" / "tiny_cpu.toml", overrides)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new mixed-precision setting per run
+    GradientState._reset_state()
+    tv.main(cfg)
+    times = [r["train/step_time"] for r in read_metrics(out) if "train/step_time" in r]
+    return times[args.warmup :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=PHOTOS if PHOTOS.is_dir() else None)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per precision")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--channels", default="32,64,128,128")
+    args = parser.parse_args()
+
+    tv = _train_vae()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data_dir or synthetic_photos(Path(tmp) / "photos", 32, args.resolution + 32)
+        medians = {}
+        for precision in ("no", "bf16"):
+            times = run(tv, data, Path(tmp) / precision, precision, args)
+            medians[precision] = statistics.median(times)
+
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native_bf16('cpu')}"
+    )
+    print(
+        f"KL model channels ({args.channels}), {args.resolution} px crops, batch {args.batch_size}, GAN on;"
+    )
+    print(f"median of {args.steps} steps after {args.warmup} warm-up steps\n")
+    print("| precision     | step time (s) | images/s |\n|---------------|---------------|----------|")
+    for precision, label in (("no", "fp32"), ("bf16", "bf16 autocast")):
+        print(f"| {label:<13} | {medians[precision]:13.3f} | {args.batch_size / medians[precision]:8.2f} |")
+    print(f"\nbf16 speed-up: {medians['no'] / medians['bf16']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
