@@ -45,12 +45,14 @@ from ldm_vae.training import (
     ModelEMA,
     OptimConfig,
     TrainConfig,
+    TrainProgress,
     build_optimizer,
     build_scheduler,
     learning_rates,
     list_images,
     load_validation_images,
     mix_seed,
+    nonfinite_anywhere,
     parse_command_line,
     validation_files,
     write_config,
@@ -108,12 +110,6 @@ def reconstruct(model: nn.Module, x: Tensor, kind: str, generator: torch.Generat
     if kind == "kl":
         return model(x, sample_posterior=generator is not None, generator=generator)
     return model(x)
-
-
-def nonfinite_anywhere(accelerator: Accelerator, *losses: Tensor | None) -> bool:
-    """True on every process if a loss is NaN/Inf on any: all ranks must skip together or DDP hangs."""
-    bad = any(loss is not None and not torch.isfinite(loss).all() for loss in losses)
-    return bool(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "max") > 0)
 
 
 @torch.no_grad()
@@ -223,70 +219,63 @@ def main(cfg: Config) -> Path:
 
     # ----------------------------------------------------------------------------------- resume
     metrics = MetricsLog(accelerator, run_dir)
-    step = epoch = batch_pos = streak = 0
+    global_batch = cfg.data.batch_size * world
+    run = TrainProgress()
     if start is not None:
         saved, tensors = ckpts.load(start, ("ema", "loss"))
-        step, epoch, batch_pos, streak = (saved[k] for k in ("step", "epoch", "batch", "nonfinite_streak"))
-        if (saved["samples_per_batch"], saved["world_size"]) != (cfg.data.batch_size, world):
-            batch_pos = (
-                batch_pos * saved["samples_per_batch"] * saved["world_size"] // (cfg.data.batch_size * world)
-            )
-            accelerator.print(
-                f"batch size x processes changed since the checkpoint: data position rounded to {batch_pos}"
-            )
+        run = TrainProgress.from_state(saved, global_batch)
         if ema is not None and "ema" in tensors:
             ema.load(tensors["ema"], saved["ema"])
         if "loss" in tensors:
             loss_fn.load_state_dict(tensors["loss"])
-        accelerator.print(f"resumed from {start} at step {step}")
+        accelerator.print(f"resumed from {start} at step {run.step}")
     elif cfg.train.resume == "latest":
         accelerator.print(f"no checkpoint in {run_dir}: starting a new run")
     ckpts.clean_partial()
     if accelerator.is_main_process:
         write_config(cfg, run_dir / "train_config.json")
-        metrics.truncate_after(step)
+        metrics.truncate_after(run.step)
     accelerator.init_trackers("train_vae")
     accelerator.wait_for_everyone()
 
     def save_checkpoint() -> Path:
-        # The data position points past the last consumed batch; an exhausted epoch means the next one.
-        e, b = (epoch + 1, 0) if batch_pos >= len(loader) else (epoch, batch_pos)
-        state = dict(step=step, epoch=e, batch=b, nonfinite_streak=streak, world_size=world)
-        state.update(samples_per_batch=cfg.data.batch_size, ema=ema.state()[1] if ema else None)
+        state = {**run.state(len(loader), global_batch), "ema": ema.state()[1] if ema else None}
         tensors = {"ema": ema.state()[0]} if ema is not None else {}
         if loss_fn.state_dict():
             tensors["loss"] = loss_fn.state_dict()  # the learned log-variance
-        return ckpts.save(step, state, tensors)
+        return ckpts.save(run.step, state, tensors)
 
     def run_validation() -> None:
         if accelerator.is_main_process and len(val_images):
             values, grid = validate(ae, ema, val_images, cfg.model.kind, cfg.data.batch_size)
-            save_image(grid, run_dir / "samples" / f"step-{step:07d}.png")
-            metrics.log(values, step)
-            metrics.log_image("val/reconstructions", grid, step)
+            save_image(grid, run_dir / "samples" / f"step-{run.step:07d}.png")
+            metrics.log(values, run.step)
+            metrics.log_image("val/reconstructions", grid, run.step)
         accelerator.wait_for_everyone()
 
     # ----------------------------------------------------------------------------------- loop
     # Accelerate steps a scheduler without checking its optimizer stepped; the discriminator's does not before
     # disc_start, which only makes torch warn.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-    images_per_step = cfg.data.batch_size * cfg.train.grad_accum * world
+    images_per_step = global_batch * cfg.train.grad_accum
     window_ok, compute_time, sums, count = True, 0.0, defaultdict(float), 0
-    progress = tqdm(
-        total=cfg.train.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=run.step,
+        disable=not accelerator.is_local_main_process,
+        desc="train",
     )
     t_step = time.perf_counter()
     try:
-        while step < cfg.train.max_steps:
-            loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, batch_pos) if batch_pos else loader
-            for x in batches:
+        while run.step < cfg.train.max_steps:
+            for x in run.epoch_batches(accelerator, loader):
                 t0 = time.perf_counter()
-                batch_pos += 1
+                run.batch += 1
+                step = run.step  # optimizer steps done before this one: LDM's global_step
                 gan_on = use_gan and loss_fn.disc_factor_at(step) > 0
                 # Posterior noise is a function of (seed, rank, position): resumes are exact without RNG state.
                 noise = torch.Generator(accelerator.device).manual_seed(
-                    mix_seed(cfg.train.seed, rank, epoch, batch_pos)
+                    mix_seed(cfg.train.seed, rank, run.epoch, run.batch)
                 )
                 with accelerator.accumulate(model, disc):
                     # Generator step through the prepared (DDP) model. The discriminator is called unwrapped with
@@ -339,12 +328,13 @@ def main(cfg: Config) -> Path:
                     continue
 
                 # ------------------------------------------------------------------- one optimizer step done
-                step += 1
+                run.step = step = step + 1
                 now = time.perf_counter()
                 images_per_s = images_per_step / (now - t_step)
                 t_step = now
-                if not window_ok:
-                    streak += 1
+                run.nonfinite_streak = 0 if window_ok else run.nonfinite_streak + 1
+                streak = run.nonfinite_streak
+                if streak:
                     metrics.log({"train/nonfinite": 1.0, "train/nonfinite_streak": float(streak)}, step)
                     accelerator.print(f"step {step}: non-finite loss, step skipped ({streak} in a row)")
                     if streak >= cfg.train.max_nonfinite:
@@ -352,18 +342,16 @@ def main(cfg: Config) -> Path:
                             f"{streak} non-finite losses in a row (steps {step - streak + 1}-{step}); stopped, "
                             f"last good checkpoint: {ckpts.latest() or 'none'}"
                         )
-                else:
-                    streak = 0
                 window_ok = True
                 if count and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
                     values = {f"train/{k}": v / count for k, v in sums.items()}
                     values.update({"train/lr": sched_ae.get_last_lr()[0], "train/images_per_s": images_per_s})
                     values["train/step_time"] = compute_time
                     metrics.log(values, step)
-                    progress.set_postfix(loss=f"{values['train/total']:.4g}", img_s=f"{images_per_s:.1f}")
+                    bar.set_postfix(loss=f"{values['train/total']:.4g}", img_s=f"{images_per_s:.1f}")
                     sums, count = defaultdict(float), 0
                 compute_time = 0.0
-                progress.update(1)
+                bar.update(1)
                 if cfg.train.val_every and step % cfg.train.val_every == 0:
                     run_validation()
                 # No checkpoints during a non-finite streak: the last one stays the last good one.
@@ -372,9 +360,9 @@ def main(cfg: Config) -> Path:
                 if step >= cfg.train.max_steps:
                     break
             else:
-                epoch, batch_pos = epoch + 1, 0
-        progress.close()
-        if not cfg.train.val_every or step % cfg.train.val_every:
+                run.next_epoch()
+        bar.close()
+        if not cfg.train.val_every or run.step % cfg.train.val_every:
             run_validation()
 
         # ------------------------------------------------------------------------------- export
@@ -392,7 +380,7 @@ def main(cfg: Config) -> Path:
         accelerator.wait_for_everyone()
         return export_dir
     finally:
-        progress.close()
+        bar.close()
         accelerator.end_training()
 
 

@@ -26,6 +26,7 @@ from ldm_vae.training import (
     MetricsLog,
     ModelEMA,
     OptimConfig,
+    TrainProgress,
     list_images,
     load_config,
     parse_command_line,
@@ -261,3 +262,19 @@ def test_metrics_log_drops_lines_past_the_resumed_step(accelerator, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     log.log({"train/loss": float("inf")}, 3)
     assert json.loads(log.path.read_text().splitlines()[-1]) == {"step": 3, "train/loss": "inf"}
+
+
+def test_train_progress_saves_finished_epochs_as_the_next_and_rescales_positions():
+    run = TrainProgress(step=7, epoch=2, batch=5, nonfinite_streak=1)
+    assert run.state(batches_per_epoch=5, global_batch=8) == dict(
+        step=7, epoch=3, batch=0, nonfinite_streak=1, global_batch=8
+    )
+    saved = run.state(batches_per_epoch=10, global_batch=8)
+    assert TrainProgress.from_state(saved, global_batch=8) == run
+    # Twice the processes: the same 40 samples of the epoch are 2.5 -> 2 batches of 16.
+    assert TrainProgress.from_state(saved, global_batch=16) == TrainProgress(7, 2, 2, 1)
+    old_format = {k: v for k, v in saved.items() if k != "global_batch"} | {
+        "samples_per_batch": 4,
+        "world_size": 2,
+    }
+    assert TrainProgress.from_state(old_format, global_batch=8) == run

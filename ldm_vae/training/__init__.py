@@ -1,5 +1,5 @@
 """Reusable pieces of the training scripts (``scripts/train_vae.py``, the latent-diffusion trainer):
-typed configs with command-line overrides, image-folder data, EMA, atomic checkpoints, metrics logging."""
+typed configs with command-line overrides, image-folder data, EMA, atomic checkpoints, loop state, metrics logging."""
 
 from .checkpointing import CheckpointManager
 from .config import (
@@ -24,6 +24,7 @@ from .data import (
     validation_files,
 )
 from .ema import ModelEMA
+from .loop import TrainProgress, nonfinite_anywhere
 from .optim import build_optimizer, build_scheduler, learning_rates
 from .tracking import MetricsLog, read_metrics
 
@@ -37,6 +38,7 @@ __all__ = [
     "ModelEMA",
     "OptimConfig",
     "TrainConfig",
+    "TrainProgress",
     "apply_overrides",
     "build_config",
     "build_optimizer",
@@ -46,6 +48,7 @@ __all__ = [
     "load_config",
     "load_validation_images",
     "mix_seed",
+    "nonfinite_anywhere",
     "parse_command_line",
     "read_config_file",
     "read_metrics",
