@@ -399,6 +399,130 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ latent diffusion
+# These commands import their modules when they run: diffusers takes seconds to import, the others never need it.
+
+
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    from .latents import cache_latents
+    from .training.data import readable
+
+    data_dir, out_dir = Path(args.data_dir), Path(args.output)
+    if not data_dir.is_dir():
+        raise CLIError(f"{data_dir}: {'is a file' if data_dir.exists() else 'no such directory'}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: exists and is not a directory")
+    paths = collect_images([data_dir])
+    # Headers only, so a bad file fails in seconds rather than after hours of encoding.
+    _, bad = readable(_progress(paths, len(paths), "checking"))
+    if bad:
+        raise CLIError(
+            f"{bad[0][0]}: not a readable image ({bad[0][1]}); {len(bad)} such file(s) in {data_dir}"
+        )
+    if _device(args.device).type == "cuda":  # one GPU per process under `accelerate launch`
+        from accelerate import PartialState
+
+        args.device = str(PartialState().device)
+    torch.manual_seed(0)  # a random-init preset is then the same model in every process and on every rerun
+    vae = _load_model(args)
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    manifest = cache_latents(
+        vae,
+        paths,
+        out_dir,
+        root=data_dir,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        model_name=model,
+        tile_size=args.tile_size,
+    )
+    if manifest is not None:  # the main process
+        shape = "x".join(map(str, manifest["latent_shape"]))
+        print(
+            f"wrote {manifest['num_items']} latents ({shape}) in {len(manifest['shards'])} shard(s) to {out_dir}; "
+            f"scale {manifest['scale']:.6g} (1 / std of posterior samples)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from torchvision.utils import make_grid
+
+    from .ldm import decode_latents, load_pipeline, sample_latents, sampling_scheduler
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: exists and is not a directory")
+    device = _device(args.device)
+    vae, unet, scheduler = load_pipeline(args.pipeline, device)
+    scheduler = sampling_scheduler(scheduler, args.scheduler)
+    generator = torch.Generator().manual_seed(args.seed)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    # All initial noise in one draw, as LDMPipeline(batch_size=n, generator=...) draws it.
+    noise = torch.randn(args.num, c, s, s, generator=generator)  # (n, C, s, s)
+    images = []
+    batches = list(_batches(range(args.num), args.batch_size))
+    for batch in _progress(batches, len(batches), "sampling"):
+        z = sample_latents(unet, scheduler, len(batch), args.steps, generator, args.eta, noise=noise[batch])
+        for i, image in zip(batch, decode_latents(vae, z).cpu(), strict=True):
+            save_image(image, out_dir / f"sample-{i:05d}.png")
+            images.append(image)
+    grid = make_grid(torch.stack(images), nrow=max(1, round(args.num**0.5)), padding=2, pad_value=1.0)
+    save_image(grid, out_dir / "grid.png")
+    print(f"wrote {args.num} samples and grid.png to {out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_ldm_eval(args: argparse.Namespace) -> int:
+    from .latents import LatentDataset
+    from .ldm import gaussian_bits_per_dim, load_pipeline, sampling_scheduler, vlb_bits_per_dim
+
+    vae, unet, scheduler = load_pipeline(args.pipeline, _device(args.device))
+    data = LatentDataset(args.latents)
+    n = len(data)
+    if args.last is not None:
+        if args.last > n:
+            raise CLIError(f"--last {args.last}: the cache holds {n} latents")
+        data = LatentDataset(args.latents, range(n - args.last, n))
+    if not math.isclose(vae.config.scaling_factor, data.scale, rel_tol=1e-5) or data.shift:
+        raise CLIError(
+            f"{args.pipeline}: its VAE scales latents by {vae.config.scaling_factor}, the cache by {data.scale} "
+            f"(shift {data.shift}): the UNet was not trained on these latents"
+        )
+    z = data.fixed_samples(args.seed)  # (N, C, h, w), diffusion-ready
+    if tuple(z.shape[1:]) != (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size):
+        raise CLIError(
+            f"latents of shape {tuple(z.shape[1:])} do not fit the UNet ({unet.config.sample_size} px)"
+        )
+    noise = sampling_scheduler(scheduler, "ddpm")  # the training betas and variances
+    generator = torch.Generator().manual_seed(args.seed)
+    timesteps = args.timesteps or None
+    parts: dict[str, list[Tensor]] = {}
+    batches = list(_batches(range(len(z)), args.batch_size))
+    for batch in _progress(batches, len(batches), "bound"):
+        for key, value in vlb_bits_per_dim(unet, noise, z[batch], timesteps, generator).items():
+            parts.setdefault(key, []).append(value)
+    mean = {k: torch.cat(v).mean().item() for k, v in parts.items()}
+    how = "all timesteps" if timesteps is None else f"{timesteps} importance-sampled timesteps"
+    print(
+        f"{len(z)} latents ({'x'.join(map(str, z.shape[1:]))}) of {args.latents}, posterior samples (seed {args.seed})"
+    )
+    rows = [
+        ("DDPM variational bound (continuous)", mean["total"]),
+        ("  L_T (prior term)", mean["prior"]),
+        (f"  sum of L_t-1 ({how})", mean["diffusion"]),
+        ("  L_0 (Gaussian decoder term)", mean["decoder"]),
+        ("N(0, I) prior NLL", gaussian_bits_per_dim(z).mean().item()),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"{'':<{width}}  {'bits/dim':>9}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>9.4f}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -414,6 +538,18 @@ RECONSTRUCT_DETAILS = (
 CONVERT_DETAILS = (
     "Reads anything from_pretrained reads; writes a diffusers folder (save_pretrained) or a .safetensors "
     "file with original LDM names."
+)
+CACHE_DETAILS = (
+    "Center-crops each image to RESOLUTION, encodes it and stores the posterior mean and std in "
+    "shard-NNNNN.safetensors files plus latents.json with the latent scale (1 / std of posterior samples). "
+    "Rerunning skips finished shards; under `accelerate launch -m ldm_vae.cli` processes share the shards."
+)
+SAMPLE_DETAILS = (
+    "Writes sample-NNNNN.png and grid.png; DDIM with eta 0 gives the same images for any --batch-size."
+)
+EVAL_DETAILS = (
+    "DDPM's bound with a continuous Gaussian decoder term (a bound on differential entropy, so it can be "
+    "negative), next to the same latents' NLL under N(0, I)."
 )
 
 
@@ -450,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(
-        prog="ldm-vae", description="Latent-diffusion autoencoders: encode, decode, reconstruct, convert."
+        prog="ldm-vae",
+        description="Latent-diffusion autoencoders: encode, decode, reconstruct, convert; cache latents, sample.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -458,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         func: Callable[[argparse.Namespace], int], summary: str, details: str = "", model: bool = True
     ) -> argparse.ArgumentParser:
-        name = func.__name__.removeprefix("cmd_")
+        name = func.__name__.removeprefix("cmd_").replace("_", "-")
         parents = [common, run] if model else [common]
         p = sub.add_parser(name, parents=parents, help=summary, description=f"{summary}. {details}".strip())
         p.set_defaults(func=func)
@@ -490,6 +627,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a single-file SRC: config.json or diffusers folder giving what tensor shapes cannot "
         "(norm_num_groups, scaling_factor, ...); default: inferred, with SD's values for the rest",
     )
+
+    p = command(
+        cmd_cache_latents, "image folder -> sharded posterior latents for diffusion training", CACHE_DETAILS
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="LATENT_DIR")
+    p.add_argument("--resolution", type=_positive_int, default=256, help="square image size (default 256)")
+    p.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
+
+    p = command(cmd_sample, "sample a latent-diffusion pipeline to PNG images", SAMPLE_DETAILS, model=False)
+    p.add_argument(
+        "--pipeline", required=True, metavar="DIR", help="a folder exported by scripts/train_ldm.py"
+    )
+    p.add_argument("-n", "--num", type=_positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per pass (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    p = command(
+        cmd_ldm_eval,
+        "variational bound of a pipeline on cached latents, in bits/dim",
+        EVAL_DETAILS,
+        model=False,
+    )
+    p.add_argument("latents", metavar="LATENT_DIR")
+    p.add_argument("--pipeline", required=True, metavar="DIR")
+    p.add_argument(
+        "--last", type=_positive_int, help="only the last N latents (the trainer's held-out data.num_val)"
+    )
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        default=100,
+        help="importance-sampled timesteps of the sum over t; 0: all (default 100)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the posterior samples and the noise (default 0)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="latents per pass (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
     p = command(cmd_info, "config, parameter counts and latent shape of a model", model=False)
     p.add_argument("model", metavar="MODEL")

@@ -1,0 +1,339 @@
+"""Latent caching for latent diffusion: an image folder -> the KL posterior N(mean, std^2) of every image, in
+sharded safetensors, plus the latent scale of Latent Diffusion's ``scale_by_std``.
+
+Caching the posterior rather than one sample lets training draw a fresh z = mean + std * eps every epoch, as
+training on the fly would (Rombach et al., 2022, Sec. 3 and App. G). The scale is LDM's: 1 / std of sampled
+latents over the cached set, so the diffusion model sees unit-variance data ``(z - shift) * scale``.
+
+Layout of a cache folder::
+
+    shard-00000.safetensors  mean, std: (n, C, h, w) float32; metadata: names (JSON list), fingerprint
+    shard-00001.safetensors  ...
+    latents.json             manifest: shards, model, resolution, scale, shift (written last)
+
+Shards are written atomically and skipped on a rerun with the same inputs, so an interrupted run resumes. Under
+``accelerate launch`` process r of k encodes shards r, r + k, r + 2k, ...; the main process writes the manifest
+once all have finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .autoencoder_kl import AutoencoderKL
+from .checkpoint import CheckpointError, read_state_dict, write_json, write_safetensors
+from .images import load_image
+from .training.data import center_crop, mix_seed
+
+MANIFEST_NAME = "latents.json"
+FORMAT = "ldm-vae-latents/1"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def shard_ranges(num_items: int, shard_size: int) -> list[range]:
+    """Item indices of each shard: consecutive runs of ``shard_size`` (the last one shorter)."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    return [range(i, min(i + shard_size, num_items)) for i in range(0, num_items, shard_size)]
+
+
+def shards_of_process(num_shards: int, rank: int, world: int) -> list[int]:
+    """The shards process ``rank`` of ``world`` encodes: every ``world``-th, starting at ``rank``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    return list(range(rank, num_shards, world))
+
+
+def prepare_image(path: str | os.PathLike, resolution: int) -> Tensor:
+    """An image file -> (3, resolution, resolution) in [-1, 1]: short side resized to ``resolution``, then
+    the center square (LDM's preprocessing for unconditional models)."""
+    x = load_image(path)  # (3, H, W)
+    h, w = x.shape[-2:]
+    if min(h, w) > resolution:  # center_crop only resizes up; shrink here (antialiased, like PIL's bicubic)
+        size = (
+            max(resolution, round(h * resolution / min(h, w))),
+            max(resolution, round(w * resolution / min(h, w))),
+        )
+        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        x = x.clamp(-1.0, 1.0)
+    return center_crop(x, resolution)
+
+
+def cache_fingerprint(vae: AutoencoderKL, names: Sequence[str], resolution: int, shard_size: int) -> str:
+    """SHA-256 of everything a shard's contents depend on: weights, config, images, resolution, sharding."""
+    h = hashlib.sha256(safetensors_bytes({k: v.float().contiguous() for k, v in vae.state_dict().items()}))
+    h.update(json.dumps([vae.config.to_diffusers(), list(names), resolution, shard_size]).encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _shard_header(path: Path) -> dict[str, str] | None:
+    """The metadata of a readable shard, or None for a file that cannot be read as one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if {"mean", "std"} - set(f.keys()):
+                return None
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+
+
+def _is_done(path: Path, fingerprint: str) -> bool:
+    """True for a complete shard of this cache; raises for a shard of another cache (nothing is overwritten)."""
+    if not path.is_file():
+        return False
+    header = _shard_header(path)
+    if header is None:
+        return False  # unreadable (e.g. a copy cut short): recomputed
+    if header.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path} holds latents of another model, image set, resolution or shard size; "
+            "write to a new folder or delete this one"
+        )
+    return True
+
+
+def cache_latents(
+    vae: AutoencoderKL,
+    files: Sequence[Path],
+    out_dir: str | os.PathLike,
+    *,
+    root: str | os.PathLike,
+    resolution: int = 256,
+    batch_size: int = 8,
+    shard_size: int = 1000,
+    model_name: str = "",
+    tile_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Encodes ``files`` into ``out_dir`` (see the module docstring); skips shards already done.
+
+    Call it on every process of an Accelerate launch (or in a single process without one).
+
+    Args:
+        vae: the autoencoder, in eval mode, on its device.
+        files: the images, in a fixed order (the same on every process).
+        out_dir: the cache folder (created).
+        root: the folder names are recorded relative to.
+        resolution: square image size; a multiple of the VAE's downsampling factor.
+        batch_size: images per encoder pass.
+        shard_size: images per shard.
+        model_name: how the model was named (recorded in the manifest).
+        tile_size: exact tiled encoding, tile edge in pixels.
+        progress: show a progress bar (main process, interactive stderr only).
+
+    Returns:
+        The manifest on the main process, None on the others.
+    """
+    from accelerate import PartialState
+
+    f = vae.config.downsample_factor
+    if resolution < f or resolution % f:
+        raise ValueError(f"resolution {resolution} is not a positive multiple of the model's factor {f}")
+    if not files:
+        raise ValueError("no images to encode")
+    out_dir = Path(out_dir)
+    names = [
+        Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else Path(p).name for p in files
+    ]
+    fingerprint = cache_fingerprint(vae, names, resolution, shard_size)
+    _check_manifest(out_dir, fingerprint)
+    shards = shard_ranges(len(files), shard_size)
+    # Every process checks every shard, so a foreign cache fails everywhere before anything is written.
+    todo = [i for i in range(len(shards)) if not _is_done(out_dir / shard_name(i), fingerprint)]
+
+    state = PartialState(cpu=vae.device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
+    mine = [i for i in shards_of_process(len(shards), state.process_index, state.num_processes) if i in todo]
+    bar = tqdm(
+        total=sum(len(shards[i]) for i in mine),
+        desc="caching latents",
+        unit="img",
+        file=sys.stderr,
+        disable=None if progress and state.is_local_main_process else True,
+    )
+    with torch.inference_mode():
+        for i in mine:
+            means, stds = [], []
+            items = shards[i]
+            for start in range(0, len(items), batch_size):
+                batch = items[start : start + batch_size]
+                x = torch.stack([prepare_image(files[j], resolution) for j in batch])  # (B, 3, R, R)
+                posterior = vae.encode(x.to(vae.device), tile_size=tile_size)  # over (B, C, R/f, R/f)
+                means.append(posterior.mean.float().cpu())
+                stds.append(posterior.std.float().cpu())
+                bar.update(len(batch))
+            metadata = {
+                "names": json.dumps([names[j] for j in items]),
+                "fingerprint": fingerprint,
+                "process": f"{state.process_index}/{state.num_processes}",  # which process wrote it
+            }
+            write_safetensors(
+                {"mean": torch.cat(means), "std": torch.cat(stds)}, out_dir / shard_name(i), metadata
+            )
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    manifest = _manifest(vae, out_dir, shards, fingerprint, resolution, model_name)
+    write_json(manifest, out_dir / MANIFEST_NAME)
+    return manifest
+
+
+def _check_manifest(out_dir: Path, fingerprint: str) -> None:
+    path = out_dir / MANIFEST_NAME
+    if path.is_file() and read_manifest(out_dir).get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{out_dir} holds latents of another model, image set, resolution or shard size; "
+            "write to a new folder or delete this one"
+        )
+
+
+def latent_moments(means: Sequence[Tensor], stds: Sequence[Tensor]) -> tuple[float, float]:
+    """(mean, std) over every element of the sampled latents z = mean + std * eps, in closed form.
+
+    E[z] = avg(mean) and E[z^2] = avg(mean^2 + std^2), so the std is the one an infinite number of posterior
+    samples would give (LDM estimates it from one sampled batch). Sums run in float64 across shards.
+    """
+    n, s1, s2 = 0, 0.0, 0.0
+    for mu, sigma in zip(means, stds, strict=True):
+        mu, sigma = mu.double(), sigma.double()
+        n += mu.numel()
+        s1 += mu.sum().item()
+        s2 += (mu.square() + sigma.square()).sum().item()
+    mean = s1 / n
+    return mean, math.sqrt(max(s2 / n - mean * mean, 0.0))
+
+
+def _manifest(
+    vae: AutoencoderKL, out_dir: Path, shards: list[range], fingerprint: str, resolution: int, model: str
+) -> dict[str, Any]:
+    """Reads every shard back (all processes' work) and describes the cache."""
+    means, stds, entries = [], [], []
+    for i, items in enumerate(shards):
+        path = out_dir / shard_name(i)
+        if not _is_done(path, fingerprint):
+            raise CheckpointError(f"{path}: missing after encoding (did a process fail?)")
+        tensors = read_state_dict(path)
+        if len(tensors["mean"]) != len(items):
+            raise CheckpointError(f"{path}: holds {len(tensors['mean'])} latents, expected {len(items)}")
+        means.append(tensors["mean"])
+        stds.append(tensors["std"])
+        entries.append({"file": path.name, "count": len(items)})
+    mean, std = latent_moments(means, stds)
+    if not std > 0:
+        raise ValueError("the cached latents have zero variance: cannot compute a latent scale")
+    return {
+        "format": FORMAT,
+        "model": model,
+        "fingerprint": fingerprint,
+        "resolution": resolution,
+        "latent_shape": list(means[0].shape[1:]),
+        "num_items": sum(e["count"] for e in entries),
+        "shards": entries,
+        # LDM's scale_by_std: the DDPM trains on (z - shift) * scale, z sampled from the posterior.
+        "scale": 1.0 / std,
+        "shift": vae.config.shift_factor or 0.0,
+        "latent_mean": mean,
+        "latent_std": std,
+        "scale_method": "1 / std of posterior samples z = mean + std * eps over all cached elements (closed form)",
+        "vae_scaling_factor": vae.config.scaling_factor,
+    }
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a finished cache; a one-line CheckpointError otherwise."""
+    path = Path(latent_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{latent_dir}: no {MANIFEST_NAME} (not a latent cache, or caching did not finish)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an ldm-vae latent manifest ({FORMAT})")
+    return manifest
+
+
+class LatentDataset(Dataset):
+    """Diffusion-ready latents ``(z - shift) * scale`` from a cache folder, all held in memory.
+
+    An item is an index, or an ``(index, seed)`` pair as :class:`~ldm_vae.training.EpochSampler` yields: then
+    z = mean + std * eps with eps drawn from a generator seeded by ``seed``, so a resumed run draws the same
+    latents. With ``sample=False`` z is the posterior mean.
+
+    Args:
+        latent_dir: a finished cache (with its manifest).
+        indices: the items to use (e.g. all but a held-out tail); default all.
+        sample: sample the posterior (training) or take its mean.
+    """
+
+    def __init__(
+        self, latent_dir: str | os.PathLike, indices: Sequence[int] | None = None, sample: bool = True
+    ):
+        self.manifest = read_manifest(latent_dir)
+        means, stds, names = [], [], []
+        for entry in self.manifest["shards"]:
+            path = Path(latent_dir) / entry["file"]
+            tensors = read_state_dict(path)
+            header = _shard_header(path) or {}
+            if (
+                header.get("fingerprint") != self.manifest["fingerprint"]
+                or len(tensors["mean"]) != entry["count"]
+            ):
+                raise CheckpointError(f"{path}: does not match {MANIFEST_NAME}")
+            means.append(tensors["mean"])
+            stds.append(tensors["std"])
+            names += json.loads(header["names"])
+        mean, std = torch.cat(means), torch.cat(stds)  # (N, C, h, w) each
+        index = (
+            torch.arange(len(mean)) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        )
+        self.mean, self.std = mean[index], std[index]
+        self.names = [names[i] for i in index.tolist()]
+        self.scale, self.shift = float(self.manifest["scale"]), float(self.manifest["shift"])
+        self.sample = sample
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Tensor:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        z = self.mean[index]  # (C, h, w)
+        if self.sample:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            z = z + self.std[index] * torch.randn(z.shape, generator=generator)
+        return (z - self.shift) * self.scale
+
+    def fixed_samples(self, seed: int) -> Tensor:
+        """Every item (N, C, h, w), posterior samples seeded by (seed, position): a fixed evaluation set."""
+        if not len(self):
+            return torch.empty(0, *self.mean.shape[1:])
+        return torch.stack([self[(i, mix_seed(seed, i))] for i in range(len(self))])

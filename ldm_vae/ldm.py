@@ -1,0 +1,368 @@
+"""A small unconditional latent diffusion model on top of the autoencoder (Rombach et al., 2022, "High-Resolution
+Image Synthesis with Latent Diffusion Models"): diffusers' ``UNet2DModel`` and ``DDPMScheduler`` trained with the
+epsilon objective of DDPM (Ho et al., 2020, eq. 14) on latents ``(z - shift) * scale``; DDPM and DDIM (Song et al.,
+2021) sampling; the variational bound in bits per dimension; export as a diffusers ``LDMPipeline`` folder.
+
+The bound is DDPM's eq. 5, L = L_T + sum_{t=2..T} L_{t-1} + L_0, with
+  L_T     = KL(q(x_T | x_0) || N(0, I)),
+  L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), Gaussians with the scheduler's fixed variances,
+  L_0     = -log N(x_0; mu(x_1, 1), sigma_1^2), a *continuous* Gaussian density.
+Latents are continuous, so L_0 is a density rather than DDPM's discretized decoder and the bound is one on the
+differential entropy: it can be negative, and it is comparable only with other continuous densities, such as the
+N(0, I) prior a VAE samples from (:func:`gaussian_bits_per_dim`). As in Nichol & Dhariwal (2021), the
+variance at t = 1 (zero for ``fixed_small``) is clipped to the one at t = 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+from tqdm import tqdm
+
+from .autoencoder_kl import AutoencoderKL
+from .checkpoint import CheckpointError, write_json
+from .runtime import resolve_dtype
+
+SamplerName = Literal["ddim", "ddpm"]
+PIPELINE_INDEX = "model_index.json"
+LOG2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The denoiser: a diffusers ``UNet2DModel``; channels and sizes of the latents are filled in from the data."""
+
+    block_out_channels: tuple[int, ...] = (64, 128, 128)  # width per level; len-1 = number of 2x downsamples
+    layers_per_block: int = 1  # resnets per level (the up path gets one more)
+    attention_levels: tuple[int, ...] = (2,)  # levels with self-attention (0 = full latent resolution)
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The forward process (a diffusers ``DDPMScheduler``): LDM's defaults, epsilon objective, no clipping."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear"] = (
+        "scaled_linear"  # LDM's "linear" is diffusers' scaled_linear
+    )
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small"  # sigma_t^2 = beta~_t or beta_t
+
+
+def build_unet(cfg: UNetConfig, latent_channels: int, latent_size: int) -> UNet2DModel:
+    """A ``UNet2DModel`` for (B, latent_channels, latent_size, latent_size) latents.
+
+    Raises:
+        ValueError: attention levels that do not exist, or widths GroupNorm cannot split.
+    """
+    n = len(cfg.block_out_channels)
+    bad = [level for level in cfg.attention_levels if not 0 <= level < n]
+    if bad:
+        raise ValueError(f"attention level {bad[0]} does not exist: levels are 0..{n - 1}")
+    if latent_size % 2 ** (n - 1):
+        raise ValueError(f"latent size {latent_size} is not divisible by {2 ** (n - 1)} ({n} UNet levels)")
+    attn = [level in cfg.attention_levels for level in range(n)]
+    return UNet2DModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        dropout=cfg.dropout,
+    )
+
+
+def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
+    """The training scheduler. Latents are not bounded like pixels, so x_0 predictions are never clipped."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        variance_type=cfg.variance_type,
+        clip_sample=False,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",  # few-step samplers start from t = T - 1, i.e. from (almost) pure noise
+    )
+
+
+def sampling_scheduler(
+    scheduler: DDPMScheduler | DDIMScheduler, kind: SamplerName
+) -> DDPMScheduler | DDIMScheduler:
+    """A DDIM or DDPM scheduler over the same betas as ``scheduler`` (diffusers maps the shared config keys)."""
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    if kind not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown scheduler {kind!r} (ddim or ddpm)")
+    extra = (
+        {"clip_sample": False, "set_alpha_to_one": True} if cls is DDIMScheduler else {"clip_sample": False}
+    )
+    return cls.from_config({**scheduler.config, **extra})
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def diffusion_loss(
+    unet: UNet2DModel, scheduler: DDPMScheduler, z0: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """DDPM's simple objective ||eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t)||^2, t uniform.
+
+    Args:
+        unet: the denoiser (possibly wrapped by Accelerate).
+        scheduler: the training scheduler.
+        z0: diffusion-ready latents (B, C, h, w).
+        generator: draws t and eps (on ``z0``'s device), so a step is reproducible.
+    """
+    b = z0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    noisy = scheduler.add_noise(z0, noise, t)  # (B, C, h, w)
+    return F.mse_loss(unet(noisy, t).sample.float(), noise.float())
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    num: int,
+    steps: int = 50,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Denoises ``num`` latents (num, C, s, s) from N(0, I) in ``steps`` steps of ``scheduler``.
+
+    The loop is ``diffusers.LDMPipeline.__call__``'s, so an exported pipeline called with the same generator
+    gives the same latents; unlike the pipeline, DDPM steps (and DDIM with eta > 0) also draw their noise from
+    ``generator``, which makes them reproducible too.
+
+    Args:
+        noise: the initial x_T instead of drawing it (e.g. a slice of a larger seeded draw).
+    """
+    cfg = unet.config
+    if noise is None:
+        noise = randn_tensor((num, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator)
+    latents = noise.to(unet.device, unet.dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    extra: dict = {"generator": generator} if not isinstance(generator, list) else {}
+    if isinstance(scheduler, DDIMScheduler):
+        extra["eta"] = eta
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=None if progress else True):
+        eps = unet(scheduler.scale_model_input(latents, t), t).sample
+        latents = scheduler.step(eps, t, latents, **extra).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, z: Tensor) -> Tensor:
+    """Diffusion-ready latents -> images (B, 3, H, W) in [-1, 1] (unscaled by the VAE's own scale and shift)."""
+    return vae.decode(vae.unscale_latents(z.float())).clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def gaussian_bits_per_dim(x: Tensor) -> Tensor:
+    """-log2 N(x; 0, I) / dim per sample (B,): the continuous NLL under a VAE's sampling prior."""
+    nats = 0.5 * (math.log(2 * math.pi) + x.double().square())
+    return nats.flatten(1).mean(1) / LOG2
+
+
+@torch.no_grad()
+def vlb_bits_per_dim(
+    unet: Callable[..., object],
+    scheduler: DDPMScheduler,
+    x0: Tensor,
+    num_timesteps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The variational bound of the module docstring per sample, in bits per dimension.
+
+    With fixed variances each L_{t-1} is a constant (the variance mismatch, summed exactly) plus
+    w_t * ||eps_theta(x_t, t) - eps||^2 with w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) (DDPM eq. 12).
+    The sum over t = 2..T is exact (every t, one noise draw each) when ``num_timesteps`` is None. Otherwise it is
+    an unbiased stratified importance-sampling estimate: ``num_timesteps`` draws of t with probability
+    proportional to w_t, one per equal-probability stratum, which makes it W * mean(||eps_theta - eps||^2) with
+    W = sum of w_t. (Uniform t would be dominated by the few small t where w_t ~ 1 / t is large.)
+
+    Args:
+        unet: called as ``unet(x_t, t).sample``, predicting eps.
+        scheduler: the training scheduler (betas, variance type).
+        x0: diffusion-ready latents (B, C, h, w).
+        num_timesteps: draws of t for the sum over t, or None for every timestep.
+        generator: draws the timesteps and the noise (CPU).
+
+    Returns:
+        ``total``, ``prior`` (L_T), ``diffusion`` (sum of L_{t-1}) and ``decoder`` (L_0), each (B,) float64.
+    """
+    cfg = scheduler.config
+    if cfg.prediction_type != "epsilon" or cfg.variance_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(
+            "the bound is implemented for epsilon prediction with fixed_small/fixed_large variances"
+        )
+    T = cfg.num_train_timesteps
+    x0 = x0.double().cpu()
+    nats_per_bpd = x0[0].numel() * LOG2  # nats per sample -> bits per dimension
+    betas, abar = scheduler.betas.double(), scheduler.alphas_cumprod.double()
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t of q(x_{t-1} | x_t, x_0); 0 at the first step
+    model_var = post_var.clone() if cfg.variance_type == "fixed_small" else betas.clone()
+    model_var[0] = post_var[1]
+    inv_snr = (1 - abar) / abar  # x0 - x0_hat = sqrt(inv_snr) * (eps_hat - eps)
+    # Weight of ||eps_hat - eps||^2 in L_{t-1}: (coef of x0 in the posterior mean)^2 * inv_snr / (2 sigma^2).
+    w = (betas * abar_prev.sqrt() / (1 - abar)).square() * inv_snr / (2 * model_var)
+
+    def eps_sse(t: int) -> Tensor:
+        """||eps_theta(x_t, t) - eps||^2 per sample, for one noise draw at (diffusers) timestep t."""
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        xt = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise
+        timestep = torch.full((len(x0),), t, dtype=torch.long)
+        device = getattr(unet, "device", "cpu")
+        eps = unet(xt.to(device, torch.float32), timestep.to(device)).sample.double().cpu()
+        return (eps - noise).square().flatten(1).sum(1)
+
+    # L_T: the forward process' last marginal against the N(0, I) the sampler starts from.
+    prior = 0.5 * (abar[-1] * x0.square() - abar[-1] - (1 - abar[-1]).log()).flatten(1).sum(1)
+
+    # sum of L_{t-1} over t = 2..T, i.e. diffusers' timesteps 1..T-1.
+    mismatch = 0.5 * (torch.log(model_var / post_var) + post_var / model_var - 1.0)[1:].sum()
+    if num_timesteps is None or num_timesteps >= T - 1:
+        weighted = sum(w[t] * eps_sse(t) for t in range(1, T))
+    else:
+        cdf = (w[1:] / w[1:].sum()).cumsum(0)
+        u = (
+            torch.arange(num_timesteps, dtype=torch.float64)
+            + torch.rand(num_timesteps, generator=generator, dtype=torch.float64)
+        ) / num_timesteps
+        picks = (torch.searchsorted(cdf, u, right=True).clamp(max=T - 2) + 1).tolist()
+        weighted = w[1:].sum() / num_timesteps * sum(eps_sse(t) for t in picks)
+    diffusion = x0[0].numel() * mismatch + weighted
+
+    # L_0: continuous Gaussian NLL of x_0 under p(x_0 | x_1) = N(x0_hat, sigma_1^2).
+    decoder = 0.5 * x0[0].numel() * torch.log(2 * math.pi * model_var[0]) + inv_snr[0] / (
+        2 * model_var[0]
+    ) * eps_sse(0)
+    terms = {"prior": prior, "diffusion": diffusion, "decoder": decoder}
+    terms = {k: v / nats_per_bpd for k, v in terms.items()}
+    return {"total": sum(terms.values()), **terms}
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+
+def export_pipeline(
+    vae: AutoencoderKL,
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    folder: str | os.PathLike,
+    dtype: str = "fp32",
+) -> Path:
+    """Writes a ``diffusers.LDMPipeline`` folder (``vqvae/``, ``unet/``, ``scheduler/``, ``model_index.json``).
+
+    ``LDMPipeline`` decodes ``vqvae.decode(latents / vqvae.config.scaling_factor).sample``; an ``AutoencoderKL``
+    fits that slot (diffusers warns that it expected a ``VQModel``, and runs), so ``vae.config.scaling_factor``
+    must be the scale the UNet was trained with. The scheduler is saved as DDIM, the pipeline's default sampler.
+    The folder is written beside its destination and renamed into place.
+
+    Raises:
+        ValueError: a VAE with a non-zero ``shift_factor``, which ``LDMPipeline`` cannot apply.
+    """
+    if vae.config.shift_factor:
+        raise ValueError(
+            f"the VAE has shift_factor {vae.config.shift_factor}: diffusers' LDMPipeline only divides latents by "
+            "scaling_factor and cannot add a shift, so this model cannot be exported as one"
+        )
+    import diffusers
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp / "vqvae", dtype=dtype)
+    # A fresh copy: ``unet`` may be an Accelerate-prepared module whose forward is patched (autocast).
+    copy = UNet2DModel.from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    # nn.Module.to: diffusers' override warns on every dtype cast, even of a model without fp32-only parts.
+    torch.nn.Module.to(copy, resolve_dtype(dtype)).save_pretrained(tmp / "unet", safe_serialization=True)
+    sampling_scheduler(scheduler, "ddim").save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": "LDMPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "vqvae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    write_json(index, tmp / PIPELINE_INDEX)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_pipeline(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "fp32"
+) -> tuple[AutoencoderKL, UNet2DModel, DDIMScheduler]:
+    """(vae, unet, scheduler) of an exported folder, with ldm_vae's own ``AutoencoderKL`` as the VAE.
+
+    Raises:
+        CheckpointError: not a pipeline folder of this layout.
+    """
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / PIPELINE_INDEX).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{folder}: not a pipeline folder (cannot read {PIPELINE_INDEX}: {e})"
+        ) from None
+    if index.get("vqvae") != ["diffusers", "AutoencoderKL"] or "unet" not in index:
+        raise CheckpointError(
+            f"{folder}: not a latent-diffusion pipeline with an AutoencoderKL (vqvae/) and a unet/"
+        )
+    torch_dtype = resolve_dtype(dtype, device)
+    vae = AutoencoderKL.from_pretrained(folder / "vqvae", dtype=dtype, device=device)
+    try:
+        unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype).to(device).eval()
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{folder}: cannot load the unet or scheduler ({str(e).splitlines()[0]})"
+        ) from None
+    return vae, unet, scheduler
+
+
+def pipeline_scale_check(vae: AutoencoderKL, scale: float, shift: float) -> None:
+    """Raises ValueError unless ``vae`` unscales latents with exactly ``scale`` and ``shift``."""
+    if (
+        not math.isclose(vae.config.scaling_factor, scale, rel_tol=1e-6)
+        or (vae.config.shift_factor or 0.0) != shift
+    ):
+        raise ValueError(
+            f"the VAE's scaling_factor/shift_factor ({vae.config.scaling_factor}, {vae.config.shift_factor or 0.0}) "
+            f"differ from the latents' ({scale}, {shift})"
+        )

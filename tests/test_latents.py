@@ -1,0 +1,248 @@
+"""Latent caching (ldm_vae/latents.py and `ldm-vae cache-latents`): shard contents, resume, scale, process split."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ldm_vae import AutoencoderKL
+from ldm_vae.cli import main
+from ldm_vae.latents import (
+    MANIFEST_NAME,
+    LatentDataset,
+    latent_moments,
+    prepare_image,
+    shard_name,
+    shard_ranges,
+    shards_of_process,
+)
+from ldm_vae.training import mix_seed
+
+RES = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and spinning OpenMP workers slow a shared 2-core machine down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Ten small photos of assorted sizes (some below, some above the 16 px crop), in two subfolders."""
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    sources = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    for i in range(10):
+        size = (12 + 7 * (i % 4), 14 + 5 * (i % 3))
+        sub = folder / ("a" if i < 5 else "b")
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(sources[i % 4]).resize(size, Image.BICUBIC).save(sub / f"img{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return AutoencoderKL.from_pretrained("tiny").save_pretrained(tmp_path_factory.mktemp("vae") / "tiny")
+
+
+def cache(photos: Path, vae_dir: Path, out: Path, *extra: str) -> int:
+    args = ["cache-latents", str(photos), "-o", str(out), "--model", str(vae_dir), "--dtype", "fp32"]
+    return main([*args, "--resolution", str(RES), "--shard-size", "4", "--batch-size", "3", *extra])
+
+
+@pytest.fixture(scope="module")
+def cached(photos, vae_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "latents"
+    assert cache(photos, vae_dir, out) == 0
+    return out
+
+
+def reference(photos: Path, vae_dir: Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Names, means and stds computed directly with vae.encode, one image at a time."""
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    files = sorted(p for p in photos.rglob("*.png"))
+    with torch.no_grad():
+        posts = [vae.encode(prepare_image(p, RES)[None]) for p in files]
+    names = [p.relative_to(photos).as_posix() for p in files]
+    return names, torch.cat([q.mean for q in posts]), torch.cat([q.std for q in posts])
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def test_shard_plan_and_process_split_cover_everything_once():
+    assert shard_ranges(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert shard_ranges(0, 4) == []
+    for num_shards in range(8):
+        for world in range(1, 5):
+            parts = [shards_of_process(num_shards, r, world) for r in range(world)]
+            flat = sorted(i for p in parts for i in p)
+            assert flat == list(range(num_shards))  # every shard once: disjoint and complete
+            assert all(i % world == r for r, p in enumerate(parts) for i in p)  # every world-th shard
+    with pytest.raises(ValueError):
+        shards_of_process(4, 2, 2)
+    with pytest.raises(ValueError):
+        shard_ranges(3, 0)
+
+
+def test_prepare_image_crops_the_center_and_shrinks_the_short_side(tmp_path):
+    # 16 x 48: columns carry their index; no resize is needed, so the crop is exactly columns 16..31.
+    ramp = np.tile(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (16, 1, 3))
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    x = prepare_image(tmp_path / "wide.png", 16)
+    expected = torch.arange(16, 32, dtype=torch.float32) * 5 / 255 * 2 - 1
+    assert x.shape == (3, 16, 16) and torch.allclose(x[0, 5], expected, atol=1e-6)
+    # 64 x 40, one colour: shrunk to 25 x 16 (short side 16), cropped to 16 x 16, colour kept.
+    Image.new("RGB", (40, 64), (200, 30, 90)).save(tmp_path / "tall.png")
+    y = prepare_image(tmp_path / "tall.png", 16)
+    assert y.shape == (3, 16, 16)
+    assert torch.allclose(y, torch.tensor([200, 30, 90]).view(3, 1, 1) / 127.5 - 1, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- contents
+
+
+def test_shards_hold_the_encoder_posterior(cached, photos, vae_dir):
+    names, mean, std = reference(photos, vae_dir)
+    manifest = json.loads((cached / MANIFEST_NAME).read_text())
+    assert [s["count"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["num_items"] == 10 and manifest["latent_shape"] == [4, 8, 8]
+    got_names, got_mean, got_std = [], [], []
+    for entry in manifest["shards"]:
+        with safe_open(str(cached / entry["file"]), framework="pt") as f:
+            got_names += json.loads(f.metadata()["names"])
+            got_mean.append(f.get_tensor("mean"))
+            got_std.append(f.get_tensor("std"))
+    assert got_names == names
+    # Batches of 3 vs single images: GroupNorm statistics are per image, only float rounding differs.
+    torch.testing.assert_close(torch.cat(got_mean), mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(got_std), std, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_is_one_over_the_std_of_posterior_samples(cached, photos, vae_dir):
+    _, mean, std = reference(photos, vae_dir)
+    # Independently: the std of many posterior samples z = mean + std * eps, over every element.
+    g = torch.Generator().manual_seed(0)
+    z = mean[None] + std[None] * torch.randn((400, *mean.shape), generator=g, dtype=torch.float64)
+    manifest = json.loads((cached / MANIFEST_NAME).read_text())
+    assert manifest["scale"] == pytest.approx(1 / z.std().item(), rel=2e-3)
+    # ... and in closed form: Var z = E[mean^2 + std^2] - E[mean]^2.
+    var = (mean.double().square() + std.double().square()).mean() - mean.double().mean().square()
+    assert manifest["scale"] == pytest.approx(var.rsqrt().item(), rel=1e-5)  # batched vs single encodes
+    assert latent_moments([mean], [std])[1] == pytest.approx(var.sqrt().item(), rel=1e-9)
+    assert manifest["shift"] == 0.0 and manifest["vae_scaling_factor"] == 1.0
+
+
+def test_rerun_recomputes_only_the_missing_shard(photos, vae_dir, tmp_path, monkeypatch):
+    out = tmp_path / "latents"
+    assert cache(photos, vae_dir, out) == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("shard-*")}
+    original = load_file(str(out / shard_name(1)))
+    (out / shard_name(1)).unlink()
+    calls = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(
+        AutoencoderKL, "encode", lambda self, x, **kw: calls.append(len(x)) or encode(self, x, **kw)
+    )
+    assert cache(photos, vae_dir, out) == 0
+    assert calls == [3, 1]  # shard 1 alone: 4 images in batches of 3
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("shard-*")}
+    assert after.keys() == before.keys()
+    assert all(after[n] == before[n] for n in before if n != shard_name(1))
+    recomputed = load_file(str(out / shard_name(1)))
+    assert all(torch.equal(recomputed[k], original[k]) for k in ("mean", "std"))
+    # A complete cache reruns without encoding anything.
+    calls.clear()
+    assert cache(photos, vae_dir, out) == 0
+    assert calls == []
+
+
+def test_a_cache_of_other_settings_is_refused_and_kept(cached, photos, vae_dir, capsys):
+    before = {p.name: p.read_bytes() for p in cached.iterdir()}
+    assert cache(photos, vae_dir, cached, "--shard-size", "5") == 1  # overrides the earlier --shard-size 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "another model, image set" in err
+    assert {p.name: p.read_bytes() for p in cached.iterdir()} == before
+
+
+def test_bad_inputs_fail_before_writing(photos, vae_dir, tmp_path, capsys):
+    assert cache(tmp_path / "missing", vae_dir, tmp_path / "out") == 1
+    assert "no such directory" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.new("RGB", (20, 20)).save(bad / "ok.png")
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    assert cache(bad, vae_dir, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.jpg: not a readable image" in err
+    assert cache(photos, vae_dir, tmp_path / "out", "--resolution", "15") == 1
+    assert "not a positive multiple of the model's factor 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+def test_dataset_samples_the_posterior_with_the_given_seed(cached):
+    data = LatentDataset(cached)
+    scale = json.loads((cached / MANIFEST_NAME).read_text())["scale"]
+    assert len(data) == 10 and data.scale == scale
+    eps = torch.randn(data.mean[3].shape, generator=torch.Generator().manual_seed(123))
+    torch.testing.assert_close(data[(3, 123)], (data.mean[3] + data.std[3] * eps) * scale)
+    assert not torch.equal(data[(3, 123)], data[(3, 124)])
+    torch.testing.assert_close(LatentDataset(cached, sample=False)[3], data.mean[3] * scale)
+    tail = LatentDataset(cached, range(7, 10))
+    assert tail.names == data.names[7:] and torch.equal(tail.mean, data.mean[7:])
+    fixed = tail.fixed_samples(5)
+    assert fixed.shape == (3, 4, 8, 8) and torch.equal(fixed[1], tail[(1, mix_seed(5, 1))])
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+def test_two_processes_write_disjoint_shards_with_the_same_contents(cached, photos, vae_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "latents"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = ["cache-latents", str(photos), "-o", str(out), "--model", str(vae_dir), "--dtype", "fp32"]
+    args += ["--resolution", str(RES), "--shard-size", "4", "--batch-size", "3"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*launcher, "--main_process_port", str(port), "-m", "ldm_vae.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    writers = {}
+    for i in range(3):
+        with safe_open(str(out / shard_name(i)), framework="pt") as f:
+            writers[i] = f.metadata()["process"]
+    assert writers == {0: "0/2", 1: "1/2", 2: "0/2"}
+    for i in range(3):
+        one, two = load_file(str(cached / shard_name(i))), load_file(str(out / shard_name(i)))
+        for k in ("mean", "std"):  # equal up to float rounding (thread counts may differ)
+            torch.testing.assert_close(one[k], two[k], atol=1e-6, rtol=1e-6)
+    ref, got = (json.loads((d / MANIFEST_NAME).read_text()) for d in (cached, out))
+    assert got["scale"] == pytest.approx(ref["scale"], rel=1e-6) and got["shards"] == ref["shards"]

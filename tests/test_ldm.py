@@ -1,0 +1,387 @@
+"""Latent DDPM (ldm_vae/ldm.py, scripts/train_ldm.py, `ldm-vae sample`/`ldm-eval`): training, sampling, the
+variational bound in bits/dim, and the exported diffusers LDMPipeline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors import safe_open
+
+from ldm_vae import AutoencoderKL
+from ldm_vae.cli import main as cli_main
+from ldm_vae.latents import cache_latents
+from ldm_vae.ldm import (
+    NoiseConfig,
+    UNetConfig,
+    build_noise_scheduler,
+    build_unet,
+    decode_latents,
+    diffusion_loss,
+    export_pipeline,
+    gaussian_bits_per_dim,
+    load_pipeline,
+    sample_latents,
+    sampling_scheduler,
+    vlb_bits_per_dim,
+)
+from ldm_vae.training import load_config, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET = UNetConfig(
+    block_out_channels=(8, 16), attention_levels=(1,), attention_head_dim=8, norm_num_groups=4
+)
+ENTROPY_N01 = 0.5 * math.log2(2 * math.pi * math.e)  # differential entropy of N(0, 1), bits
+
+
+def _import_script():
+    spec = importlib.util.spec_from_file_location("train_ldm", ROOT / "scripts" / "train_ldm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_ldm"] = module  # dataclass annotations are resolved through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+tl = _import_script()
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add spin-waiting on a shared machine
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_unet(TINY_UNET, latent_channels=4, latent_size=8).eval()
+
+
+def structured_latents(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Smooth unit-variance fields (2x2 upsampled to 8x8) plus a little noise: low intrinsic dimension."""
+    z = F.interpolate(
+        torch.randn(n, 4, 2, 2, generator=generator), size=8, mode="bilinear", align_corners=False
+    )
+    z = z / z.std() + 0.1 * torch.randn(z.shape, generator=generator)
+    return z / z.std()
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_a_few_training_steps_reduce_the_loss():
+    g = torch.Generator().manual_seed(0)
+    data = structured_latents(256, g)
+    unet, scheduler = tiny_unet().train(), build_noise_scheduler(NoiseConfig())
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return diffusion_loss(unet, scheduler, data[:64], torch.Generator().manual_seed(1)).item()
+
+    before = held_out_loss()
+    for _ in range(40):
+        loss = diffusion_loss(unet, scheduler, data[torch.randint(0, 256, (32,), generator=g)], g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out_loss() < 0.5 * before
+
+
+def test_unet_config_errors():
+    with pytest.raises(ValueError, match="attention level 2 does not exist"):
+        build_unet(UNetConfig(block_out_channels=(8, 16), attention_levels=(2,), norm_num_groups=4), 4, 8)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        build_unet(UNetConfig(block_out_channels=(8, 16, 16), norm_num_groups=4), 4, 6)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_shapes_and_seeds():
+    unet, train = tiny_unet(), build_noise_scheduler(NoiseConfig())
+    for kind in ("ddim", "ddpm"):
+        sched = sampling_scheduler(train, kind)
+
+        def run(seed: int, sched=sched) -> torch.Tensor:
+            return sample_latents(unet, sched, 3, 6, torch.Generator().manual_seed(seed))
+
+        a, b, c = run(0), run(0), run(1)
+        assert a.shape == (3, 4, 8, 8) and torch.isfinite(a).all()
+        assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_ddim_eta0_is_deterministic_given_the_initial_noise():
+    unet, train = tiny_unet(), build_noise_scheduler(NoiseConfig())
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ddim = sampling_scheduler(train, "ddim")
+    outs = [sample_latents(unet, ddim, 2, 8, torch.Generator().manual_seed(s), noise=noise) for s in (1, 2)]
+    assert torch.equal(outs[0], outs[1])  # the generator is never drawn from
+    # Per-sample: a batch of one gives the same latent as its row in a batch of two.
+    one = sample_latents(unet, ddim, 1, 8, noise=noise[1:])
+    torch.testing.assert_close(one[0], outs[0][1], atol=1e-5, rtol=1e-5)
+    stochastic = [
+        sample_latents(unet, ddim, 2, 8, torch.Generator().manual_seed(s), eta=1.0, noise=noise)
+        for s in (1, 2)
+    ]
+    assert not torch.allclose(stochastic[0], stochastic[1])
+    ddpm = sampling_scheduler(train, "ddpm")
+    stochastic = [
+        sample_latents(unet, ddpm, 2, 8, torch.Generator().manual_seed(s), noise=noise) for s in (1, 2)
+    ]
+    assert not torch.allclose(stochastic[0], stochastic[1])
+
+
+# ------------------------------------------------------------------------------------------- bits per dim
+
+
+def test_standard_normal_latents_cost_the_analytic_entropy_under_the_prior():
+    x = torch.randn(4000, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    # E[-log2 N(x; 0, 1)] = 0.5 * log2(2 pi e) = 2.047 bits/dim (continuous density, no discretization).
+    assert gaussian_bits_per_dim(x).mean().item() == pytest.approx(ENTROPY_N01, abs=3e-3)
+    assert gaussian_bits_per_dim(torch.zeros(1, 3, 2, 2)).item() == pytest.approx(
+        0.5 * math.log2(2 * math.pi)
+    )
+
+
+def optimal_denoiser(scheduler, s: float):
+    """E[eps | x_t] for x_0 ~ N(0, s^2 I): the best possible eps prediction, in closed form."""
+    abar = scheduler.alphas_cumprod
+
+    def unet(x, t):
+        a = abar[t].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(1 - a).sqrt() * x / (a * s * s + 1 - a))
+
+    return unet
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_bound_of_the_optimal_denoiser_on_gaussian_data_matches_its_expectation(variance_type):
+    sched = build_noise_scheduler(NoiseConfig(variance_type=variance_type))
+    s = 0.3
+    x = s * torch.randn(2048, 2, 4, 4, generator=torch.Generator().manual_seed(0))  # MC error ~0.01 bits
+    exact = vlb_bits_per_dim(optimal_denoiser(sched, s), sched, x, None, torch.Generator().manual_seed(1))
+    # The expectation, written independently from DDPM eq. 5/12: with eps error E||.||^2 = 1 - (1-abar)/v per
+    # dim (v = abar s^2 + 1 - abar), L_{t-1} = KL of equal-mean-error Gaussians, L_0 a Gaussian NLL.
+    betas, abar = sched.betas.double(), sched.alphas_cumprod.double()
+    alphas, abar_prev = 1 - betas, torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    mse = 1 - (1 - abar) / (abar * s * s + 1 - abar)
+    q_var = betas * (1 - abar_prev) / (1 - abar)
+    p_var = q_var.clone() if variance_type == "fixed_small" else betas.clone()
+    p_var[0] = q_var[1]
+    t = torch.arange(1, len(betas))
+    kl = 0.5 * (torch.log(p_var[t] / q_var[t]) + q_var[t] / p_var[t] - 1)
+    kl += betas[t] ** 2 / (2 * p_var[t] * alphas[t] * (1 - abar[t])) * mse[t]
+    l0 = 0.5 * torch.log(2 * math.pi * p_var[0]) + (1 - abar[0]) / abar[0] * mse[0] / (2 * p_var[0])
+    lt = 0.5 * (abar[-1] * s * s - abar[-1] - torch.log(1 - abar[-1]))
+    expected = ((lt + kl.sum() + l0) / math.log(2)).item()
+    assert exact["total"].mean().item() == pytest.approx(expected, abs=0.02)
+    assert exact["prior"].mean().item() == pytest.approx((lt / math.log(2)).item(), abs=1e-3)
+    # A bound: above the data's differential entropy, and (for this narrow data) far below the N(0, I) prior's.
+    assert (
+        ENTROPY_N01 + math.log2(s)
+        < exact["total"].mean().item()
+        < gaussian_bits_per_dim(x).mean().item() - 0.3
+    )
+    # The importance-sampled estimate agrees with the exact sum over t.
+    estimate = vlb_bits_per_dim(optimal_denoiser(sched, s), sched, x, 25, torch.Generator().manual_seed(2))
+    assert estimate["total"].mean().item() == pytest.approx(expected, abs=0.05)
+
+
+def test_trained_ddpm_beats_the_prior_on_structured_held_out_latents():
+    g = torch.Generator().manual_seed(0)
+    train, held = structured_latents(512, g), structured_latents(64, g)
+    torch.manual_seed(0)
+    cfg = UNetConfig(
+        block_out_channels=(16, 32), attention_levels=(1,), attention_head_dim=8, norm_num_groups=8
+    )
+    unet, sched = build_unet(cfg, 4, 8), build_noise_scheduler(NoiseConfig())
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = diffusion_loss(unet, sched, train[torch.randint(0, 512, (32,), generator=g)], g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+    bound = vlb_bits_per_dim(unet, sched, held, 32, torch.Generator().manual_seed(1))["total"].mean().item()
+    prior = gaussian_bits_per_dim(held).mean().item()
+    assert prior == pytest.approx(ENTROPY_N01, abs=0.05)
+    assert bound < prior - 0.75  # about 0.9 vs 2.05 bits/dim
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture
+def exported(tmp_path) -> tuple[Path, AutoencoderKL]:
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("tiny", scaling_factor=0.7)
+    unet, sched = tiny_unet(), build_noise_scheduler(NoiseConfig())
+    return export_pipeline(vae, unet, sched, tmp_path / "pipeline"), vae
+
+
+def test_exported_pipeline_loads_in_diffusers_and_matches_our_sampler(exported, tmp_path):
+    from diffusers import DiffusionPipeline, LDMPipeline
+
+    folder, vae = exported
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe, LDMPipeline) and pipe.vqvae.config.scaling_factor == 0.7
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=5, output_type="np"
+    )
+    images = images.images  # (3, 16, 16, 3) in [0, 1]
+
+    ours_vae, unet, sched = load_pipeline(folder)
+    z = sample_latents(unet, sampling_scheduler(sched, "ddim"), 3, 5, torch.Generator().manual_seed(7))
+    ours = (decode_latents(ours_vae, z) / 2 + 0.5).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (3, 16, 16, 3) and images.std() > 0
+    np.testing.assert_allclose(images, ours, atol=1e-5)
+    # The pipeline unscales with the VAE's scaling_factor: decoding z / 0.7 by hand gives the same.
+    by_hand = ((vae.decode(z / 0.7).clamp(-1, 1) / 2 + 0.5).permute(0, 2, 3, 1)).detach().numpy()
+    np.testing.assert_allclose(images, by_hand, atol=1e-5)
+
+    # `ldm-vae sample`: the same images as PNGs, in any batch size.
+    args = ["sample", "--pipeline", str(folder), "-n", "3", "-o", str(tmp_path / "s"), "--steps", "5"]
+    assert cli_main([*args, "--seed", "7", "--batch-size", "2"]) == 0
+    for i in range(3):
+        png = np.asarray(Image.open(tmp_path / "s" / f"sample-{i:05d}.png")).astype(np.float64)
+        assert np.abs(png - images[i] * 255).max() <= 0.5 + 1e-3
+    assert Image.open(tmp_path / "s" / "grid.png").size == (
+        2 + 2 * 18,
+        2 + 2 * 18,
+    )  # 2x2 grid of 16 px + padding
+
+
+def test_export_in_fp16_and_refusals(exported, tmp_path, capsys):
+    _, vae = exported
+    unet = tiny_unet()
+    half = export_pipeline(vae, unet, build_noise_scheduler(NoiseConfig()), tmp_path / "half", dtype="fp16")
+    with safe_open(str(half / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict == {torch.float16}
+    assert next(unet.parameters()).dtype == torch.float32  # the model itself is left as it was
+    _, loaded, _ = load_pipeline(half)
+    assert next(loaded.parameters()).dtype == torch.float32
+    flux = AutoencoderKL.from_pretrained("tiny", shift_factor=0.1)
+    with pytest.raises(ValueError, match="cannot add a shift"):
+        export_pipeline(flux, unet, build_noise_scheduler(NoiseConfig()), tmp_path / "flux")
+    assert not (tmp_path / "flux").exists()
+    assert cli_main(["sample", "--pipeline", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not a pipeline folder" in err
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory) -> Path:
+    """Twenty 16 px crops of skimage photos encoded by a tiny VAE: 4x8x8 latents."""
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("ldm")
+    photos = root / "photos"
+    photos.mkdir()
+    sources = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    for i in range(20):
+        im = Image.fromarray(sources[i % 4]).resize((20 + i, 18 + i), Image.BICUBIC)
+        im.save(photos / f"img{i:02d}.png")
+    torch.manual_seed(0)
+    vae_dir = AutoencoderKL.from_pretrained("tiny").save_pretrained(root / "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    cache_latents(
+        vae, sorted(photos.iterdir()), root / "latents", root=photos, resolution=16, model_name=str(vae_dir)
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return root / "latents"
+
+
+def config(latents: Path, out: Path, *overrides: tuple[str, str]):
+    base = [
+        ("data.latent_dir", str(latents)),
+        ("train.output_dir", str(out)),
+        ("data.batch_size", "4"),
+        ("data.num_val", "4"),
+        ("model.block_out_channels", "8,16"),
+        ("model.attention_levels", "1"),
+        ("model.attention_head_dim", "8"),
+        ("model.norm_num_groups", "4"),
+        ("train.tensorboard", "false"),
+        ("train.log_every", "1"),
+        ("train.val_every", "4"),
+        ("train.checkpoint_every", "2"),
+        ("train.ema_decay", "0.9"),
+        ("sample.num_images", "4"),
+        ("sample.steps", "3"),
+        ("sample.vlb_timesteps", "4"),
+        ("optim.lr", "3e-3"),
+    ]
+    return load_config(tl.Config, None, [*base, *overrides])
+
+
+def test_trainer_runs_resumes_exactly_and_exports_a_pipeline(latent_cache, tmp_path, capsys):
+    straight = tl.main(config(latent_cache, tmp_path / "a", ("train.max_steps", "8")))
+    logs = read_metrics(tmp_path / "a")
+    losses = [r["train/loss"] for r in logs if "train/loss" in r]
+    assert len(losses) == 8 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    val = [r for r in logs if "val/bpd_ema" in r]
+    assert [r["step"] for r in val] == [4, 8] and all(r["val/prior_bpd"] > 0 for r in val)
+    assert sorted(p.name for p in (tmp_path / "a" / "samples").iterdir()) == [
+        "step-0000004.png",
+        "step-0000008.png",
+    ]
+    assert Image.open(tmp_path / "a" / "samples" / "step-0000008.png").size == (38, 38)  # 2x2 of 16 px
+
+    # Stopped at step 4, resumed to 8: the same weights as the straight run.
+    tl.main(config(latent_cache, tmp_path / "b", ("train.max_steps", "4")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resumed = tl.main(
+        config(latent_cache, tmp_path / "b", ("train.max_steps", "8"), ("train.resume", "latest"))
+    )
+    (_, unet_a, _), (_, unet_b, _) = load_pipeline(straight), load_pipeline(resumed)
+    for (name, a), b in zip(unet_a.state_dict().items(), unet_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    # The exported pipeline carries the cached scale, and ldm-eval reads it with the cache.
+    manifest = json.loads((latent_cache / "latents.json").read_text())
+    assert json.loads((straight / "vqvae" / "config.json").read_text())["scaling_factor"] == manifest["scale"]
+    capsys.readouterr()
+    args = ["ldm-eval", str(latent_cache), "--pipeline", str(straight), "--last", "4", "--timesteps", "4"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    bound = float(re.search(r"DDPM variational bound \(continuous\) +(-?[\d.]+)", out)[1])
+    prior = float(re.search(r"N\(0, I\) prior NLL +(-?[\d.]+)", out)[1])
+    assert math.isfinite(bound) and 1.0 < prior < 4.0 and "4 latents (4x8x8)" in out
+
+
+def test_trainer_errors_are_one_line(latent_cache, tmp_path, capsys):
+    def error(*args: str) -> str:
+        assert tl.cli(["--latent-dir", str(latent_cache), "--output-dir", str(tmp_path / "run"), *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        return err
+
+    assert "4 training latents: fewer than one batch per process (16)" in error()
+    assert "attention level 5 does not exist" in error(
+        "--data.batch_size", "4", "--model.attention_levels", "5"
+    )
+    assert "data.num_val 20 must be in [0, 20)" in error("--data.num_val", "20")
+    assert "no latents.json" in error("--latent-dir", str(tmp_path))
+    assert not (tmp_path / "run").exists()
