@@ -97,12 +97,14 @@ def build_autoencoder(cfg: ModelConfig, gradient_checkpointing: bool) -> nn.Modu
         model = cls.from_pretrained(cfg.init, **cfg.overrides)
     except TypeError as e:  # dataclasses.replace() on an unknown field
         raise ConfigError(f"model.overrides: {e}") from None
+    model.train()
     if cfg.decoder_only:
         for part in (model.encoder, model.quant_conv, getattr(model, "quantize", None)):
             if part is not None:
-                part.requires_grad_(False)
+                # eval() too: an EMA codebook would otherwise keep updating its buffers in the forward pass.
+                part.requires_grad_(False).eval()
     model.encoder.gradient_checkpointing = model.decoder.gradient_checkpointing = gradient_checkpointing
-    return model.train()
+    return model
 
 
 def reconstruct(model: nn.Module, x: Tensor, kind: str, generator: torch.Generator | None = None) -> tuple:
@@ -117,6 +119,7 @@ def validate(
     model: nn.Module, ema: ModelEMA | None, images: Tensor, kind: str, batch: int
 ) -> tuple[dict, Tensor]:
     """PSNR/SSIM of the raw (and EMA) weights on fixed images, and a grid: inputs / raw / EMA rows."""
+    modes = [(m, m.training) for m in model.modules()]  # restored after: frozen parts stay in eval mode
     model.eval()
     variants = {"": nullcontext(model)}
     if ema is not None:
@@ -128,7 +131,8 @@ def validate(
         metrics[f"val/psnr{suffix}"] = psnr(recon, images).mean().item()
         metrics[f"val/ssim{suffix}"] = ssim(recon, images).mean().item()
         rows.append(recon)
-    model.train()
+    for m, training in modes:
+        m.training = training
     return metrics, make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=2, pad_value=1.0)
 
 

@@ -340,12 +340,14 @@ def test_vq_decoder_only_bf16_with_accumulation_and_checkpointing(photos, tmp_pa
         ("model.kind", "vq"),
         ("model.init", str(start)),
         ("model.decoder_only", "true"),
+        ("model.overrides.ema_decay", "0.9"),  # an EMA codebook: it must stay frozen too
         ("train.mixed_precision", "bf16"),
         ("train.grad_accum", "2"),
         ("train.gradient_checkpointing", "true"),
         ("train.max_steps", "3"),
         ("train.ema_decay", "0"),
         ("loss.disc_start", "0"),
+        ("train.val_every", "2"),  # validation switches modes in between
     )
     export = tv.main(cfg)
     before = load_file(str(start / "diffusion_pytorch_model.safetensors"))
