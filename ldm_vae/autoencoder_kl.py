@@ -39,15 +39,9 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         super().__init__()
         config = dataclasses.replace(config or AutoencoderKLConfig(), **overrides)
         self.config = config
-        shared = dict(
-            block_out_channels=config.block_out_channels,
-            layers_per_block=config.layers_per_block,
-            norm_num_groups=config.norm_num_groups,
-            mid_block_add_attention=config.mid_block_add_attention,
-        )
         z = config.latent_channels
-        self.encoder = Encoder(config.in_channels, 2 * z, **shared)  # -> moments (mean, logvar)
-        self.decoder = Decoder(z, config.out_channels, **shared)
+        self.encoder = Encoder(config.in_channels, 2 * z, config)  # -> moments (mean, logvar)
+        self.decoder = Decoder(z, config.out_channels, config)
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
 

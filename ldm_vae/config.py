@@ -15,8 +15,29 @@ _ENCODER_BLOCK = "DownEncoderBlock2D"
 _DECODER_BLOCK = "UpDecoderBlock2D"
 
 
+class _Levels:
+    """What both autoencoder configs derive from their level widths."""
+
+    block_out_channels: tuple[int, ...]
+    norm_num_groups: int
+
+    def __post_init__(self) -> None:
+        # Lists from JSON become tuples so the config stays hashable and frozen.
+        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}"
+                )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along one edge (8 for SD)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
 @dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(_Levels):
     in_channels: int = 3  # image channels in
     out_channels: int = 3  # image channels out
     block_out_channels: tuple[int, ...] = (
@@ -36,20 +57,6 @@ class AutoencoderKLConfig:
     force_upcast: bool = True  # diffusers pipelines run this VAE in fp32 when True (fp16 overflow risk)
     sample_size: int = 512  # nominal training resolution (informational; diffusers' tiling uses it)
 
-    def __post_init__(self) -> None:
-        # Lists from JSON become tuples so the config stays hashable and frozen.
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}"
-                )
-
-    @property
-    def downsample_factor(self) -> int:
-        """Image pixels per latent pixel along one edge (8 for SD)."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
     def to_diffusers(self) -> dict[str, Any]:
         """The ``config.json`` that ``diffusers.AutoencoderKL`` reads."""
         n = len(self.block_out_channels)
@@ -60,7 +67,7 @@ class AutoencoderKLConfig:
 
 
 @dataclass(frozen=True)
-class VQConfig:
+class VQConfig(_Levels):
     in_channels: int = 3  # image channels in
     out_channels: int = 3  # image channels out
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level, as AutoencoderKLConfig
@@ -81,18 +88,6 @@ class VQConfig:
         None  # EMA codebook updates when set (e.g. 0.99); then the codebook gets no grads
     )
     restart_dead_codes: bool = False  # re-seed codes unused for a while from current encoder outputs
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}"
-                )
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
 
     @property
     def embed_dim(self) -> int:

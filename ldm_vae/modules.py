@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 EPS = 1e-6  # every GroupNorm in the LDM autoencoder uses this epsilon
+
+
+class Architecture(Protocol):
+    """The config fields that shape an Encoder/Decoder (both autoencoder configs have them)."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    mid_block_add_attention: bool
 
 
 class GroupNorm(nn.GroupNorm):
@@ -248,26 +258,16 @@ class _Sequential(nn.Module):
 class Encoder(_Sequential):
     """Image (B, in_channels, H, W) -> (B, out_channels, H/f, W/f), f = 2 ** (levels - 1)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        block_out_channels: tuple[int, ...],
-        layers_per_block: int,
-        norm_num_groups: int,
-        mid_block_add_attention: bool = True,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, arch: Architecture) -> None:
         super().__init__()
-        chans = block_out_channels
+        chans, groups, layers = arch.block_out_channels, arch.norm_num_groups, arch.layers_per_block
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(
-                chans[max(i - 1, 0)], c, layers_per_block, norm_num_groups, downsample=i < len(chans) - 1
-            )
+            DownBlock(chans[max(i - 1, 0)], c, layers, groups, downsample=i < len(chans) - 1)
             for i, c in enumerate(chans)
         )
-        self.mid_block = MidBlock(chans[-1], norm_num_groups, mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(norm_num_groups, chans[-1])
+        self.mid_block = MidBlock(chans[-1], groups, arch.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
     def _head(self, x: Tensor) -> Tensor:
@@ -285,27 +285,17 @@ class Encoder(_Sequential):
 class Decoder(_Sequential):
     """Latent (B, in_channels, h, w) -> image (B, out_channels, h*f, w*f)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        block_out_channels: tuple[int, ...],
-        layers_per_block: int,
-        norm_num_groups: int,
-        mid_block_add_attention: bool = True,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, arch: Architecture) -> None:
         super().__init__()
-        chans = tuple(reversed(block_out_channels))
+        chans, groups = tuple(reversed(arch.block_out_channels)), arch.norm_num_groups
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.up_blocks = nn.ModuleList(
-            UpBlock(
-                chans[max(i - 1, 0)], c, layers_per_block + 1, norm_num_groups, upsample=i < len(chans) - 1
-            )
+            UpBlock(chans[max(i - 1, 0)], c, arch.layers_per_block + 1, groups, upsample=i < len(chans) - 1)
             for i, c in enumerate(chans)
         )
         # After up_blocks: diffusers registers them in this order (and so orders state_dict keys).
-        self.mid_block = MidBlock(chans[0], norm_num_groups, mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(norm_num_groups, chans[-1])
+        self.mid_block = MidBlock(chans[0], groups, arch.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
     def _head(self, x: Tensor) -> Tensor:

@@ -179,13 +179,7 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         super().__init__()
         config = dataclasses.replace(config or VQConfig(), **overrides)
         self.config = config
-        shared = dict(
-            block_out_channels=config.block_out_channels,
-            layers_per_block=config.layers_per_block,
-            norm_num_groups=config.norm_num_groups,
-            mid_block_add_attention=config.mid_block_add_attention,
-        )
-        self.encoder = Encoder(config.in_channels, config.latent_channels, **shared)
+        self.encoder = Encoder(config.in_channels, config.latent_channels, config)
         self.quant_conv = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
         self.quantize = VectorQuantizer(
             config.num_vq_embeddings,
@@ -197,7 +191,7 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
             restart_dead_codes=config.restart_dead_codes,
         )
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
-        self.decoder = Decoder(config.latent_channels, config.out_channels, **shared)
+        self.decoder = Decoder(config.latent_channels, config.out_channels, config)
 
     def encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> pre-quantization latents (B, embed_dim, H/f, W/f), float32."""
