@@ -262,14 +262,15 @@ def main(cfg: Config) -> Path:
     # disc_start, which only makes torch warn.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     images_per_step = global_batch * cfg.train.grad_accum
-    window_ok, compute_time, sums, count = True, 0.0, defaultdict(float), 0
+    window_ok = True  # no non-finite loss in the current accumulation window
+    # Since the last log line: loss sums over micro-batches, optimizer steps, compute seconds, wall clock.
+    sums, count, steps_since_log, compute_time, t_log = defaultdict(float), 0, 0, 0.0, time.perf_counter()
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.step,
         disable=not accelerator.is_local_main_process,
         desc="train",
     )
-    t_step = time.perf_counter()
     try:
         while run.step < cfg.train.max_steps:
             for x in run.epoch_batches(accelerator, loader):
@@ -333,9 +334,7 @@ def main(cfg: Config) -> Path:
 
                 # ------------------------------------------------------------------- one optimizer step done
                 run.step = step = step + 1
-                now = time.perf_counter()
-                images_per_s = images_per_step / (now - t_step)
-                t_step = now
+                steps_since_log += 1
                 run.nonfinite_streak = 0 if window_ok else run.nonfinite_streak + 1
                 streak = run.nonfinite_streak
                 if streak:
@@ -348,13 +347,14 @@ def main(cfg: Config) -> Path:
                         )
                 window_ok = True
                 if count and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                    images_per_s = images_per_step * steps_since_log / (time.perf_counter() - t_log)
                     values = {f"train/{k}": v / count for k, v in sums.items()}
                     values.update({"train/lr": sched_ae.get_last_lr()[0], "train/images_per_s": images_per_s})
-                    values["train/step_time"] = compute_time
+                    values["train/step_time"] = compute_time / steps_since_log  # excludes data loading
                     metrics.log(values, step)
                     bar.set_postfix(loss=f"{values['train/total']:.4g}", img_s=f"{images_per_s:.1f}")
-                    sums, count = defaultdict(float), 0
-                compute_time = 0.0
+                    sums, count, steps_since_log, compute_time = defaultdict(float), 0, 0, 0.0
+                    t_log = time.perf_counter()
                 bar.update(1)
                 if cfg.train.val_every and step % cfg.train.val_every == 0:
                     run_validation()
