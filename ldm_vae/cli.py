@@ -463,9 +463,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # All initial noise in one draw, as LDMPipeline(batch_size=n, generator=...) draws it.
     noise = torch.randn(args.num, c, s, s, generator=generator)  # (n, C, s, s)
     images = []
-    batches = list(_batches(range(args.num), args.batch_size))
-    for batch in _progress(batches, len(batches), "sampling"):
-        z = sample_latents(unet, scheduler, len(batch), args.steps, generator, args.eta, noise=noise[batch])
+    for batch in _batches(range(args.num), args.batch_size):
+        z = sample_latents(
+            unet, scheduler, len(batch), args.steps, generator, args.eta, noise=noise[batch], progress=True
+        )
         for i, image in zip(batch, decode_latents(vae, z).cpu(), strict=True):
             save_image(image, out_dir / f"sample-{i:05d}.png")
             images.append(image)

@@ -60,9 +60,7 @@ class NoiseConfig:
     """The forward process (a diffusers ``DDPMScheduler``): LDM's defaults, epsilon objective, no clipping."""
 
     num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear"] = (
-        "scaled_linear"  # LDM's "linear" is diffusers' scaled_linear
-    )
+    beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear"  # LDM's "linear" (sqrt-linear betas)
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small"  # sigma_t^2 = beta~_t or beta_t
@@ -96,7 +94,7 @@ def build_unet(cfg: UNetConfig, latent_channels: int, latent_size: int) -> UNet2
 
 
 def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
-    """The training scheduler. Latents are not bounded like pixels, so x_0 predictions are never clipped."""
+    """The training scheduler (x_0 predictions unclipped, as in :func:`sampling_scheduler`)."""
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -112,14 +110,14 @@ def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
 def sampling_scheduler(
     scheduler: DDPMScheduler | DDIMScheduler, kind: SamplerName
 ) -> DDPMScheduler | DDIMScheduler:
-    """A DDIM or DDPM scheduler over the same betas as ``scheduler`` (diffusers maps the shared config keys)."""
-    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    """A DDIM or DDPM scheduler over the same betas as ``scheduler`` (diffusers maps the shared config keys).
+
+    x_0 predictions are never clipped: latents, unlike pixels, are not bounded by [-1, 1].
+    """
     if kind not in ("ddim", "ddpm"):
         raise ValueError(f"unknown scheduler {kind!r} (ddim or ddpm)")
-    extra = (
-        {"clip_sample": False, "set_alpha_to_one": True} if cls is DDIMScheduler else {"clip_sample": False}
-    )
-    return cls.from_config({**scheduler.config, **extra})
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    return cls.from_config({**scheduler.config, "clip_sample": False})
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -164,14 +162,24 @@ def sample_latents(
     ``generator``, which makes them reproducible too.
 
     Args:
+        unet: the denoiser; ``unet.config.sample_size`` is the latent size s.
+        scheduler: a DDIM or DDPM scheduler (see :func:`sampling_scheduler`).
+        num: latents to draw (ignored when ``noise`` is given).
+        steps: denoising steps.
+        generator: draws the initial noise, then any step noise.
+        eta: DDIM's eta (0: deterministic given x_T); ignored by DDPM.
         noise: the initial x_T instead of drawing it (e.g. a slice of a larger seeded draw).
+        progress: a progress bar over the steps (interactive stderr only).
+
+    Returns:
+        Diffusion-ready latents, to be decoded with :func:`decode_latents`.
     """
     cfg = unet.config
     if noise is None:
         noise = randn_tensor((num, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator)
     latents = noise.to(unet.device, unet.dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
-    extra: dict = {"generator": generator} if not isinstance(generator, list) else {}
+    extra: dict = {"generator": generator}
     if isinstance(scheduler, DDIMScheduler):
         extra["eta"] = eta
     for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=None if progress else True):
@@ -229,7 +237,7 @@ def vlb_bits_per_dim(
         )
     T = cfg.num_train_timesteps
     x0 = x0.double().cpu()
-    nats_per_bpd = x0[0].numel() * LOG2  # nats per sample -> bits per dimension
+    dims = x0[0].numel()
     betas, abar = scheduler.betas.double(), scheduler.alphas_cumprod.double()
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t of q(x_{t-1} | x_t, x_0); 0 at the first step
@@ -263,14 +271,13 @@ def vlb_bits_per_dim(
         ) / num_timesteps
         picks = (torch.searchsorted(cdf, u, right=True).clamp(max=T - 2) + 1).tolist()
         weighted = w[1:].sum() / num_timesteps * sum(eps_sse(t) for t in picks)
-    diffusion = x0[0].numel() * mismatch + weighted
+    diffusion = dims * mismatch + weighted
 
     # L_0: continuous Gaussian NLL of x_0 under p(x_0 | x_1) = N(x0_hat, sigma_1^2).
-    decoder = 0.5 * x0[0].numel() * torch.log(2 * math.pi * model_var[0]) + inv_snr[0] / (
-        2 * model_var[0]
-    ) * eps_sse(0)
+    var0 = model_var[0]
+    decoder = 0.5 * dims * torch.log(2 * math.pi * var0) + inv_snr[0] / (2 * var0) * eps_sse(0)
     terms = {"prior": prior, "diffusion": diffusion, "decoder": decoder}
-    terms = {k: v / nats_per_bpd for k, v in terms.items()}
+    terms = {k: v / (dims * LOG2) for k, v in terms.items()}  # nats per sample -> bits per dimension
     return {"total": sum(terms.values()), **terms}
 
 
@@ -347,7 +354,8 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, device)
     vae = AutoencoderKL.from_pretrained(folder / "vqvae", dtype=dtype, device=device)
     try:
-        unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype).to(device).eval()
+        unet = UNet2DModel.from_pretrained(folder / "unet")  # fp32, whatever the file's dtype
+        torch.nn.Module.to(unet, device=device, dtype=torch_dtype).eval()  # (diffusers' to() warns on dtypes)
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     except (OSError, ValueError) as e:
         raise CheckpointError(
