@@ -385,3 +385,12 @@ def test_trainer_errors_are_one_line(latent_cache, tmp_path, capsys):
     assert "data.num_val 20 must be in [0, 20)" in error("--data.num_val", "20")
     assert "no latents.json" in error("--latent-dir", str(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["ldm_demo.toml", "ldm_tiny_cpu.toml"])
+def test_shipped_configs_load_and_stay_small(name):
+    cfg = load_config(tl.Config, ROOT / "scripts" / "configs" / name)
+    unet = build_unet(cfg.model, latent_channels=4, latent_size=16)
+    fp16_bytes = 2 * sum(p.numel() for p in unet.parameters())
+    assert fp16_bytes < 6 * 2**20  # the shipped UNet stays a few MB in fp16
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.data.num_val == 16
