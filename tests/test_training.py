@@ -211,8 +211,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(photos, tmp_path, caps
 
     assert resumed and 3 <= int(resumed[2]) <= 24 and int(resumed[1]) == int(resumed[2]), target
     final_ref, final = tmp_path / "ref" / "checkpoint-0000024", tmp_path / "run" / "checkpoint-0000024"
-    for name in ("model", "model_1", "ema", "loss"):
-        assert_same(state(final, name), state(final_ref, name))
+    for name in ("model", "model_1", "ema", "loss"):  # bitwise: same kernels, same data, same noise
+        assert_same(state(final, name), state(final_ref, name), atol=0)
     assert_same(
         state(tmp_path / "run" / "vae", "diffusion_pytorch_model"),
         state(tmp_path / "ref" / "vae", "diffusion_pytorch_model"),
