@@ -77,6 +77,11 @@ def _load_model(args: argparse.Namespace) -> AutoencoderKL:
     return vae
 
 
+def _tiling(args: argparse.Namespace) -> dict[str, int | None]:
+    """encode/decode keyword arguments for exact tiling (both None: one untiled pass)."""
+    return {"tile_size": args.tile_size, "max_memory": args.max_memory}
+
+
 def _check_no_overwrite(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     """Refuses any output path that is, or resolves to, an input file."""
     sources = {p.resolve(): p for p in inputs}
@@ -158,7 +163,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         for batch in _progress(batches, len(batches), "encoding"):
             x = _load_batch([paths[i] for i in batch], f).to(vae.device)  # (B, 3, H', W')
-            posterior = vae.encode(x, tile_size=args.tile_size)
+            posterior = vae.encode(x, **_tiling(args))
             z = posterior.sample(generator) if args.sample else posterior.mode()  # (B, C, H'/f, W'/f)
             chunks.append(vae.scale_latents(z).float().cpu())
     latents = torch.cat(chunks)  # (N, C, h, w)
@@ -260,7 +265,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         for batch in _progress(batches, len(batches), "decoding"):
             raw = z[batch] / scaling + shift  # undo scale_latents with the file's own values
-            images = vae.decode(raw.to(vae.device), tile_size=args.tile_size).cpu()  # (B, 3, h*f, w*f)
+            images = vae.decode(raw.to(vae.device), **_tiling(args)).cpu()  # (B, 3, h*f, w*f)
             for i, image in zip(batch, images, strict=True):
                 save_image(crop_to(image, sizes[i]) if sizes else image, outputs[i])
     print(f"wrote {n} images to {out_dir}", file=sys.stderr)
@@ -291,8 +296,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         for batch in _progress(batches, len(batches), "reconstructing"):
             x = _load_batch([paths[i] for i in batch], f)  # (B, 3, H', W')
-            z = vae.encode(x.to(vae.device), tile_size=args.tile_size).mode()
-            recon = vae.decode(z, tile_size=args.tile_size).cpu()  # (B, 3, H', W')
+            z = vae.encode(x.to(vae.device), **_tiling(args)).mode()
+            recon = vae.decode(z, **_tiling(args)).cpu()  # (B, 3, H', W')
             for i, xi, ri in zip(batch, x, recon, strict=True):
                 original = crop_to(xi, sizes[i])
                 # Scored as written to disk (8-bit), like the bicubic baseline.
@@ -554,6 +559,19 @@ EVAL_DETAILS = (
 )
 
 
+def _byte_size(text: str) -> int:
+    """'2.5G', '800M', '64K' or a plain number of bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 2.5G, 800M)") from None
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is below 1M")
+    return int(value)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -584,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--tile-size", type=_positive_int, default=None, help="exact tiling, tile edge in pixels"
+    )
+    run.add_argument(
+        "--max-memory",
+        type=_byte_size,
+        default=None,
+        metavar="SIZE",
+        help="exact tiling within this activation memory, e.g. 2.5G or 800M (picks --tile-size if not given)",
     )
 
     parser = argparse.ArgumentParser(

@@ -124,6 +124,27 @@ def test_decode_writes_cropped_pngs_equal_to_the_decoded_tensor(tmp_path, capsys
         np.testing.assert_array_equal(png, to_uint8(crop_to(decoded[i], size)))
 
 
+def test_tiled_cli_equals_untiled(tmp_path, capsys, model_dir):
+    src = _photo(tmp_path / "x.png", 64, 48)
+    outs = {}
+    for name, extra in (("plain", ()), ("tiled", ("--tile-size", "16")), ("budget", ("--max-memory", "1M"))):
+        lat = tmp_path / f"{name}.safetensors"
+        assert _run(capsys, "encode", src, "-o", lat, "--model", model_dir, *FP32, *extra)[0] == 0
+        assert _run(capsys, "decode", lat, "-o", tmp_path / name, "--model", model_dir, *FP32, *extra)[0] == 0
+        outs[name] = (
+            load_file(lat)["latents"],
+            np.asarray(Image.open(tmp_path / name / "x.png"), dtype=float),
+        )
+    for name in ("tiled", "budget"):
+        assert (outs[name][0] - outs["plain"][0]).abs().max() <= 1e-4
+        assert np.abs(outs[name][1] - outs["plain"][1]).max() <= 1  # PNG rounding at most
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["decode", str(tmp_path / "plain.safetensors"), "-o", str(tmp_path / "x"), "--max-memory", "lots"]
+        )
+    assert exc.value.code == 2 and "not a memory size" in capsys.readouterr().err
+
+
 def test_odd_size_round_trip_crops_back(tmp_path, capsys, model_dir):
     src = _photo(tmp_path / "x.png", 37, 29)
     lat, out = tmp_path / "x.safetensors", tmp_path / "out"
