@@ -116,9 +116,15 @@ def reconstruct(model: nn.Module, x: Tensor, kind: str, generator: torch.Generat
 
 @torch.no_grad()
 def validate(
-    model: nn.Module, ema: ModelEMA | None, images: Tensor, kind: str, batch: int
+    model: nn.Module,
+    ema: ModelEMA | None,
+    images: Tensor,
+    kind: str,
+    batch: int,
+    perceptual: nn.Module | None = None,
 ) -> tuple[dict, Tensor]:
-    """PSNR/SSIM of the raw (and EMA) weights on fixed images, and a grid: inputs / raw / EMA rows."""
+    """PSNR/SSIM (and LPIPS when its weights are loaded) of the raw (and EMA) weights on fixed images, and a
+    grid: inputs / raw / EMA rows."""
     modes = [(m, m.training) for m in model.modules()]  # restored after: frozen parts stay in eval mode
     model.eval()
     variants = {"": nullcontext(model)}
@@ -130,6 +136,8 @@ def validate(
             recon = torch.cat([reconstruct(model, x, kind)[0] for x in images.split(batch)]).clamp(-1, 1)
         metrics[f"val/psnr{suffix}"] = psnr(recon, images).mean().item()
         metrics[f"val/ssim{suffix}"] = ssim(recon, images).mean().item()
+        if perceptual is not None:
+            metrics[f"val/lpips{suffix}"] = perceptual(recon.float(), images.float()).mean().item()
         rows.append(recon)
     for m, training in modes:
         m.training = training
@@ -251,7 +259,9 @@ def main(cfg: Config) -> Path:
 
     def run_validation() -> None:
         if accelerator.is_main_process and len(val_images):
-            values, grid = validate(ae, ema, val_images, cfg.model.kind, cfg.data.batch_size)
+            values, grid = validate(
+                ae, ema, val_images, cfg.model.kind, cfg.data.batch_size, perceptual=loss_fn.perceptual
+            )
             save_image(grid, run_dir / "samples" / f"step-{run.step:07d}.png")
             metrics.log(values, run.step)
             metrics.log_image("val/reconstructions", grid, run.step)

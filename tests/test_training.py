@@ -419,3 +419,20 @@ def test_example_configs_load_with_their_recipes():
     )
     assert configs["vq_f8_scratch.toml"].model.kind == "vq"
     assert configs["tiny_cpu.toml"].loss.perceptual_weight == 0  # runs here: no LPIPS weights needed
+
+
+def test_validation_reports_lpips_when_the_perceptual_net_exists():
+    from ldm_vae import AutoencoderKL
+    from ldm_vae.losses import build_lpips
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("tiny").train()
+    images = torch.rand(3, 3, 64, 64) * 2 - 1  # AlexNet's pooling needs more than 16 px
+    perceptual = build_lpips("alex", random_backbone=True)
+    values, grid = tv.validate(vae, None, images, "kl", 2, perceptual=perceptual)
+    assert vae.training  # modes restored
+    with torch.no_grad():
+        recon = vae(images, sample_posterior=False)[0].clamp(-1, 1)
+    assert values["val/lpips"] == pytest.approx(perceptual(recon, images).mean().item(), rel=1e-5)
+    assert "val/lpips" not in tv.validate(vae, None, images, "kl", 2)[0]
+    assert grid.shape[0] == 3  # an RGB grid: inputs and reconstructions
