@@ -275,29 +275,29 @@ def cmd_decode(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ reconstruct
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir}: exists and is not a directory")
-    paths = collect_images(args.inputs)
-    outputs = [out_dir / f"{stem}.png" for stem in output_stems([p.name for p in paths])]
-    metrics_path = out_dir / "metrics.json"
-    _check_no_overwrite([*outputs, metrics_path], paths)
-    vae = _load_model(args)
+def reconstruct_images(
+    vae: AutoencoderKL,
+    paths: Sequence[Path],
+    outputs: Sequence[Path],
+    batch_size: int,
+    tile_size: int | None = None,
+    max_memory: int | None = None,
+) -> list[dict]:
+    """Encodes and decodes each image, writes the 8-bit reconstruction, and scores it (PSNR/SSIM, and the
+    bicubic x f down/up baseline) as written to disk."""
     f = vae.config.downsample_factor
     sizes = _image_sizes(paths)
-
     # Batch images of equal padded size; GroupNorm statistics are per image, so batching changes nothing.
     groups: dict[tuple[int, int], list[int]] = {}
     for i, size in enumerate(sizes):
         groups.setdefault(padded_size(size, f), []).append(i)
-    batches = [b for idx in groups.values() for b in _batches(idx, args.batch_size)]
+    batches = [b for idx in groups.values() for b in _batches(idx, batch_size)]
     rows: list[dict] = [{} for _ in paths]
     with torch.inference_mode():
         for batch in _progress(batches, len(batches), "reconstructing"):
             x = _load_batch([paths[i] for i in batch], f)  # (B, 3, H', W')
-            z = vae.encode(x.to(vae.device), **_tiling(args)).mode()
-            recon = vae.decode(z, **_tiling(args)).cpu()  # (B, 3, H', W')
+            z = vae.encode(x.to(vae.device), tile_size=tile_size, max_memory=max_memory).mode()
+            recon = vae.decode(z, tile_size=tile_size, max_memory=max_memory).cpu()  # (B, 3, H', W')
             for i, xi, ri in zip(batch, x, recon, strict=True):
                 original = crop_to(xi, sizes[i])
                 # Scored as written to disk (8-bit), like the bicubic baseline.
@@ -313,6 +313,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                     "bicubic_psnr": psnr(original, base).item(),
                     "bicubic_ssim": ssim(original, base).item(),
                 }
+    return rows
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: exists and is not a directory")
+    paths = collect_images(args.inputs)
+    outputs = [out_dir / f"{stem}.png" for stem in output_stems([p.name for p in paths])]
+    metrics_path = out_dir / "metrics.json"
+    _check_no_overwrite([*outputs, metrics_path], paths)
+    vae = _load_model(args)
+    f = vae.config.downsample_factor
+    rows = reconstruct_images(vae, paths, outputs, args.batch_size, **_tiling(args))
     keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     report = {
@@ -452,10 +466,41 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def write_samples(
+    vae: AutoencoderKL,
+    unet: torch.nn.Module,
+    scheduler: object,
+    out_dir: Path,
+    num: int,
+    steps: int,
+    seed: int,
+    eta: float = 0.0,
+    batch_size: int = 16,
+) -> list[Path]:
+    """Samples ``num`` latents, decodes them, writes ``sample-NNNNN.png`` and ``grid.png``; returns the files."""
     from torchvision.utils import make_grid
 
-    from .ldm import decode_latents, load_pipeline, sample_latents, sampling_scheduler
+    from .ldm import decode_latents, sample_latents
+
+    generator = torch.Generator().manual_seed(seed)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    # All initial noise in one draw, as LDMPipeline(batch_size=n, generator=...) draws it.
+    noise = torch.randn(num, c, s, s, generator=generator)  # (n, C, s, s)
+    images, files = [], []
+    for batch in _batches(range(num), batch_size):
+        z = sample_latents(
+            unet, scheduler, len(batch), steps, generator, eta, noise=noise[batch], progress=True
+        )
+        for i, image in zip(batch, decode_latents(vae, z).cpu(), strict=True):
+            files.append(save_image(image, out_dir / f"sample-{i:05d}.png"))
+            images.append(image)
+    grid = make_grid(torch.stack(images), nrow=max(1, round(num**0.5)), padding=2, pad_value=1.0)
+    save_image(grid, out_dir / "grid.png")
+    return files
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .ldm import load_pipeline, sampling_scheduler
 
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
@@ -463,20 +508,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = _device(args.device)
     vae, unet, scheduler = load_pipeline(args.pipeline, device)
     scheduler = sampling_scheduler(scheduler, args.scheduler)
-    generator = torch.Generator().manual_seed(args.seed)
-    c, s = unet.config.in_channels, unet.config.sample_size
-    # All initial noise in one draw, as LDMPipeline(batch_size=n, generator=...) draws it.
-    noise = torch.randn(args.num, c, s, s, generator=generator)  # (n, C, s, s)
-    images = []
-    for batch in _batches(range(args.num), args.batch_size):
-        z = sample_latents(
-            unet, scheduler, len(batch), args.steps, generator, args.eta, noise=noise[batch], progress=True
-        )
-        for i, image in zip(batch, decode_latents(vae, z).cpu(), strict=True):
-            save_image(image, out_dir / f"sample-{i:05d}.png")
-            images.append(image)
-    grid = make_grid(torch.stack(images), nrow=max(1, round(args.num**0.5)), padding=2, pad_value=1.0)
-    save_image(grid, out_dir / "grid.png")
+    write_samples(vae, unet, scheduler, out_dir, args.num, args.steps, args.seed, args.eta, args.batch_size)
     print(f"wrote {args.num} samples and grid.png to {out_dir}", file=sys.stderr)
     return 0
 
@@ -557,6 +589,21 @@ EVAL_DETAILS = (
     "DDPM's bound with a continuous Gaussian decoder term (a bound on differential entropy, so it can be "
     "negative), next to the same latents' NLL under N(0, I)."
 )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: exists and is not a directory")
+    summary = run_demo(out_dir, args.pipeline, args.dtype, args.num, args.steps, args.seed)
+    print(
+        f"wrote the report to {out_dir / 'report.html'} ({summary['seconds']} s): "
+        f"mean PSNR {summary['mean']['psnr']:.2f} dB vs bicubic {summary['mean']['bicubic_psnr']:.2f} dB",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _byte_size(text: str) -> int:
@@ -664,7 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(cmd_sample, "sample a latent-diffusion pipeline to PNG images", SAMPLE_DETAILS, model=False)
     p.add_argument(
-        "--pipeline", required=True, metavar="DIR", help="a folder exported by scripts/train_ldm.py"
+        "--pipeline",
+        required=True,
+        metavar="DIR",
+        help="a folder exported by scripts/train_ldm.py, or 'demo'",
     )
     p.add_argument("-n", "--num", type=_positive_int, default=16, help="number of images (default 16)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
@@ -674,6 +724,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per pass (default 16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    p = command(
+        cmd_demo,
+        "the one-command demo on the shipped weights",
+        "Reconstructs scikit-image's photos (PSNR/SSIM against bicubic), encodes them, samples the latent DDPM, "
+        "and writes report.html.",
+        model=False,
+    )
+    p.add_argument("-o", "--output", default="demo-output", metavar="OUT_DIR", help="default: demo-output/")
+    p.add_argument("--pipeline", default=None, metavar="DIR", help="default: the shipped weights/demo")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="autoencoder dtype (default auto)")
+    p.add_argument("-n", "--num", type=_positive_int, default=16, help="samples (default 16)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
     p = command(
         cmd_ldm_eval,

@@ -340,6 +340,10 @@ def load_pipeline(
     Raises:
         CheckpointError: not a pipeline folder of this layout.
     """
+    if str(folder) == "demo" and not Path(folder).exists():
+        from .pretrained import DEMO_PIPELINE, WEIGHTS_DIR
+
+        folder = WEIGHTS_DIR / DEMO_PIPELINE  # the shipped demo pipeline
     folder = Path(folder)
     try:
         index = json.loads((folder / PIPELINE_INDEX).read_text())

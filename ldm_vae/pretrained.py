@@ -15,9 +15,11 @@ from . import checkpoint as ckpt
 from .config import config_from_dict
 from .runtime import memory_format_for, resolve_dtype
 
-# Shipped weights: <repo>/weights/<name>/ (editable install) or $LDM_VAE_WEIGHTS/<name>/.
+# Shipped weights: <repo>/weights/ (editable install) or $LDM_VAE_WEIGHTS. weights/demo is the demo's
+# latent-diffusion pipeline folder; its vqvae/ is the demo autoencoder.
 WEIGHTS_DIR = Path(os.environ.get("LDM_VAE_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
-SHIPPED = {"demo": "demo-vae"}
+DEMO_PIPELINE = "demo"
+SHIPPED = {"demo": f"{DEMO_PIPELINE}/vqvae"}
 
 
 class PretrainedMixin:
@@ -61,7 +63,9 @@ class PretrainedMixin:
         if name in SHIPPED and not Path(name).exists():
             folder = WEIGHTS_DIR / SHIPPED[name]
             if not (folder / ckpt.CONFIG_NAME).is_file():
-                raise ckpt.CheckpointError(f"shipped weights {name!r} not found at {folder}")
+                raise ckpt.CheckpointError(
+                    f"shipped weights {name!r} not found at {folder} (set LDM_VAE_WEIGHTS to the weights folder)"
+                )
             src = folder
         elif name in cls.presets and not Path(name).exists():
             base = cls.presets[name]

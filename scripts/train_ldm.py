@@ -63,6 +63,7 @@ from ldm_vae.training import (
     mix_seed,
     nonfinite_anywhere,
     parse_command_line,
+    tensorboard_tracker,
     write_config,
 )
 
@@ -187,7 +188,7 @@ def main(cfg: Config) -> Path:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step below
-        log_with="tensorboard" if cfg.train.tensorboard else None,
+        log_with=tensorboard_tracker(cfg.train.tensorboard),
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
         ),

@@ -54,6 +54,7 @@ from ldm_vae.training import (
     mix_seed,
     nonfinite_anywhere,
     parse_command_line,
+    tensorboard_tracker,
     validation_files,
     write_config,
 )
@@ -165,7 +166,7 @@ def main(cfg: Config) -> Path:
         gradient_accumulation_steps=cfg.train.grad_accum,
         # Schedulers are stepped once per optimizer step by this loop (not num_processes times by Accelerate).
         step_scheduler_with_optimizer=False,
-        log_with="tensorboard" if cfg.train.tensorboard else None,
+        log_with=tensorboard_tracker(cfg.train.tensorboard),
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
         ),

@@ -26,7 +26,7 @@ from .data import (
 from .ema import ModelEMA
 from .loop import TrainProgress, nonfinite_anywhere
 from .optim import build_optimizer, build_scheduler, learning_rates
-from .tracking import MetricsLog, read_metrics
+from .tracking import MetricsLog, read_metrics, tensorboard_tracker
 
 __all__ = [
     "CheckpointManager",
@@ -52,6 +52,7 @@ __all__ = [
     "parse_command_line",
     "read_config_file",
     "read_metrics",
+    "tensorboard_tracker",
     "to_dict",
     "validation_files",
     "write_config",

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
 from torch import Tensor
 
 METRICS_NAME = "metrics.jsonl"
+
+
+def tensorboard_tracker(enabled: bool) -> str | None:
+    """``log_with`` for the Accelerator: TensorBoard when asked for and installed (``ldm-vae[train]``); without
+    the package the run still logs metrics.jsonl, with a warning, instead of failing at start."""
+    if not enabled:
+        return None
+    if importlib.util.find_spec("tensorboard") is None:
+        warnings.warn(
+            "tensorboard is not installed (pip install 'ldm-vae[train]'): logging to metrics.jsonl only",
+            stacklevel=2,
+        )
+        return None
+    return "tensorboard"
 
 
 class MetricsLog:
