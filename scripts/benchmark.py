@@ -94,6 +94,29 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(span**2 / mse)).item()
 
 
+def markdown_table(report: dict) -> str:
+    """The results as a Markdown table, with speed-ups against diffusers' fp32 and bf16 runs of the same case."""
+    rows = report["results"]
+    by_key = {(r["op"], r["size"], r["case"]): r for r in rows}
+    lines = [
+        f"Machine: {report['machine']}.",
+        "",
+        "| op | size | case | median s | x vs diffusers fp32 | x vs diffusers bf16 | peak GB | max abs diff | PSNR dB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratios = []
+        for base in ("diffusers fp32", "diffusers bf16+channels_last"):
+            ref = by_key.get((r["op"], r["size"], base))
+            ratios.append(f"{ref['median_s'] / r['median_s']:.2f}" if ref else "")
+        psnr_text = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f}"
+        lines.append(
+            f"| {r['op']} | {r['size']} | {r['case']} | {r['median_s']:.2f} | {ratios[0]} | {ratios[1]} | "
+            f"{r['peak_gb']:.2f} | {r['max_abs_diff']:.1e} | {psnr_text} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
@@ -104,10 +127,15 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (1 above 512 px)")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument(
+        "--markdown", type=Path, metavar="JSON", help="print a results file as a Markdown table, run nothing"
+    )
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(json.loads(args.worker.read_text()))
+    if args.markdown:
+        return print(markdown_table(json.loads(args.markdown.read_text())))
 
     from ldm_vae import AutoencoderKL
 
