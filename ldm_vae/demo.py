@@ -60,8 +60,8 @@ def run_demo(
     """
     start = time.perf_counter()
     out = Path(out_dir)
+    vae, unet, scheduler = load_pipeline(pipeline or "demo", dtype=dtype)
     folder = Path(pipeline) if pipeline is not None else WEIGHTS_DIR / DEMO_PIPELINE
-    vae, unet, scheduler = load_pipeline(folder, dtype=dtype)
 
     # 1. Reconstructions of photos the model never saw, scored as written (8-bit), with the bicubic baseline.
     originals = []

@@ -344,6 +344,10 @@ def load_pipeline(
         from .pretrained import DEMO_PIPELINE, WEIGHTS_DIR
 
         folder = WEIGHTS_DIR / DEMO_PIPELINE  # the shipped demo pipeline
+        if not (folder / PIPELINE_INDEX).is_file():
+            raise CheckpointError(
+                f"shipped weights 'demo' not found at {folder} (set LDM_VAE_WEIGHTS to the weights folder)"
+            )
     folder = Path(folder)
     try:
         index = json.loads((folder / PIPELINE_INDEX).read_text())

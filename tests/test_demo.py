@@ -70,3 +70,6 @@ def test_demo_command_and_shipped_name(pipeline, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("ldm_vae.pretrained.WEIGHTS_DIR", tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="shipped weights 'demo' not found"):
         AutoencoderKL.from_pretrained("demo")
+    assert main(["demo", "-o", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: shipped weights 'demo' not found") and err.count("\n") == 1
