@@ -253,7 +253,9 @@ def _group_norm_with_stats(x: Tensor, norm: GroupNorm, mean: Tensor, rstd: Tenso
     shift = norm.bias.float().view(1, c, 1, 1) - (
         mean[:, :, None].expand(b, g, c // g).reshape(b, c, 1, 1) * scale
     )
-    return (x.float() * scale + shift).to(x.dtype)
+    # One fused pass, no float32 copy of a reduced-precision tile: those copies were the largest temporaries
+    # of a tiled run. addcmul computes in float32 internally for bf16/fp16 and rounds once.
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
 
 def _layout(x: Tensor) -> torch.memory_format:
