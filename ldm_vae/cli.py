@@ -82,6 +82,14 @@ def _tiling(args: argparse.Namespace) -> dict[str, int | None]:
     return {"tile_size": args.tile_size, "max_memory": args.max_memory}
 
 
+def _output_dir(path: str | Path) -> Path:
+    """An output folder path, refused when a file is in the way (folders are created on first write)."""
+    out_dir = Path(path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"{out_dir}: exists and is not a directory")
+    return out_dir
+
+
 def _check_no_overwrite(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     """Refuses any output path that is, or resolves to, an input file."""
     sources = {p.resolve(): p for p in inputs}
@@ -317,9 +325,7 @@ def reconstruct_images(
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir}: exists and is not a directory")
+    out_dir = _output_dir(args.output)
     paths = collect_images(args.inputs)
     outputs = [out_dir / f"{stem}.png" for stem in output_stems([p.name for p in paths])]
     metrics_path = out_dir / "metrics.json"
@@ -502,9 +508,7 @@ def write_samples(
 def cmd_sample(args: argparse.Namespace) -> int:
     from .ldm import load_pipeline, sampling_scheduler
 
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir}: exists and is not a directory")
+    out_dir = _output_dir(args.output)
     device = _device(args.device)
     vae, unet, scheduler = load_pipeline(args.pipeline, device)
     scheduler = sampling_scheduler(scheduler, args.scheduler)
@@ -594,9 +598,7 @@ EVAL_DETAILS = (
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"{out_dir}: exists and is not a directory")
+    out_dir = _output_dir(args.output)
     summary = run_demo(out_dir, args.pipeline, args.dtype, args.num, args.steps, args.seed)
     print(
         f"wrote the report to {out_dir / 'report.html'} ({summary['seconds']} s): "
