@@ -609,13 +609,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _byte_size(text: str) -> int:
-    """'2.5G', '800M', '64K' or a plain number of bytes."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    """'2.5GB' (10**9), '2.5G' or '2.5GiB' (2**30), '800M', '64K' or a plain number of bytes."""
+    t = text.strip().upper()
+    base = 1000 if t.endswith("B") and not t.endswith("IB") else 1024  # GB is decimal, G and GiB binary
+    t = t.removesuffix("B").removesuffix("I")
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        value = float(t[:-1]) * base ** powers[t[-1]] if t and t[-1] in powers else float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 2.5G, 800M)") from None
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 2.5GB, 2.5GiB, 800M)") from None
     if value < 2**20:
         raise argparse.ArgumentTypeError(f"memory size {text!r} is below 1M")
     return int(value)
@@ -657,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_byte_size,
         default=None,
         metavar="SIZE",
-        help="exact tiling within this activation memory, e.g. 2.5G or 800M (picks --tile-size if not given)",
+        help="exact tiling within this activation memory, e.g. 2.5GB (10^9) or 2.5GiB (2^30) (picks --tile-size if not given)",
     )
 
     parser = argparse.ArgumentParser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -143,6 +144,17 @@ def test_tiled_cli_equals_untiled(tmp_path, capsys, model_dir):
             ["decode", str(tmp_path / "plain.safetensors"), "-o", str(tmp_path / "x"), "--max-memory", "lots"]
         )
     assert exc.value.code == 2 and "not a memory size" in capsys.readouterr().err
+
+
+def test_memory_sizes_gb_is_decimal_g_and_gib_binary():
+    from ldm_vae.cli import _byte_size
+
+    assert _byte_size("2.5GB") == 2_500_000_000
+    assert _byte_size("2.5G") == _byte_size("2.5GiB") == _byte_size("2.5gib") == int(2.5 * 2**30)
+    assert _byte_size("800M") == 800 * 2**20 and _byte_size("800MB") == 800_000_000
+    assert _byte_size("3000000") == 3_000_000
+    with pytest.raises(argparse.ArgumentTypeError, match="below 1M"):
+        _byte_size("64K")
 
 
 def test_odd_size_round_trip_crops_back(tmp_path, capsys, model_dir):
