@@ -54,11 +54,14 @@ from ldm_vae.training import (
     EpochSampler,
     MetricsLog,
     ModelEMA,
+    NonFiniteLossError,
     OptimConfig,
     TrainConfig,
     TrainProgress,
+    after_step,
     build_optimizer,
     build_scheduler,
+    due,
     learning_rates,
     mix_seed,
     nonfinite_anywhere,
@@ -301,17 +304,9 @@ def main(cfg: Config) -> Path:
                     continue
 
                 # ------------------------------------------------------------------- one optimizer step done
-                run.step += 1
-                run.nonfinite_streak = 0 if window_ok else run.nonfinite_streak + 1
-                window_ok, step, streak = True, run.step, run.nonfinite_streak
-                if streak:
-                    metrics.log({"train/nonfinite_streak": float(streak)}, step)
-                    if streak >= cfg.train.max_nonfinite:
-                        raise FloatingPointError(
-                            f"{streak} non-finite losses in a row up to step {step}; last good checkpoint: "
-                            f"{ckpts.latest() or 'none'}"
-                        )
-                if losses and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                streak = run.count_step(window_ok, metrics, cfg.train.max_nonfinite, ckpts.latest())
+                step, window_ok = run.step, True
+                if losses and due(step, cfg.train.log_every, cfg.train):
                     now = time.perf_counter()
                     values = {
                         "train/loss": sum(losses) / len(losses),
@@ -322,12 +317,7 @@ def main(cfg: Config) -> Path:
                     bar.set_postfix(loss=f"{values['train/loss']:.4g}")
                     losses, t_log, logged = [], now, step
                 bar.update(1)
-                if cfg.train.val_every and step % cfg.train.val_every == 0:
-                    validate()
-                # No checkpoints during a non-finite streak: the last one stays the last good one.
-                if (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps) and not streak:
-                    save_checkpoint()
-                if step >= cfg.train.max_steps:
+                if after_step(step, streak, cfg.train, validate, save_checkpoint):
                     break
             else:
                 run.next_epoch()
@@ -349,7 +339,7 @@ def main(cfg: Config) -> Path:
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(parse_command_line(Config, argv, ALIASES, prog="train_ldm.py"))
-    except (ConfigError, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

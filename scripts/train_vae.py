@@ -43,11 +43,14 @@ from ldm_vae.training import (
     ImageFolderDataset,
     MetricsLog,
     ModelEMA,
+    NonFiniteLossError,
     OptimConfig,
     TrainConfig,
     TrainProgress,
+    after_step,
     build_optimizer,
     build_scheduler,
+    due,
     learning_rates,
     list_images,
     load_validation_images,
@@ -65,10 +68,6 @@ ALIASES = {
     "--max-steps": "train.max_steps",
     "--resume": "train.resume",
 }
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
 
 
 @dataclass(frozen=True)
@@ -344,20 +343,10 @@ def main(cfg: Config) -> Path:
                     continue
 
                 # ------------------------------------------------------------------- one optimizer step done
-                run.step = step = step + 1
+                streak = run.count_step(window_ok, metrics, cfg.train.max_nonfinite, ckpts.latest())
+                step, window_ok = run.step, True
                 steps_since_log += 1
-                run.nonfinite_streak = 0 if window_ok else run.nonfinite_streak + 1
-                streak = run.nonfinite_streak
-                if streak:
-                    metrics.log({"train/nonfinite": 1.0, "train/nonfinite_streak": float(streak)}, step)
-                    accelerator.print(f"step {step}: non-finite loss, step skipped ({streak} in a row)")
-                    if streak >= cfg.train.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{streak} non-finite losses in a row (steps {step - streak + 1}-{step}); stopped, "
-                            f"last good checkpoint: {ckpts.latest() or 'none'}"
-                        )
-                window_ok = True
-                if count and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                if count and due(step, cfg.train.log_every, cfg.train):
                     images_per_s = images_per_step * steps_since_log / (time.perf_counter() - t_log)
                     values = {f"train/{k}": v / count for k, v in sums.items()}
                     values.update({"train/lr": sched_ae.get_last_lr()[0], "train/images_per_s": images_per_s})
@@ -367,12 +356,7 @@ def main(cfg: Config) -> Path:
                     sums, count, steps_since_log, compute_time = defaultdict(float), 0, 0, 0.0
                     t_log = time.perf_counter()
                 bar.update(1)
-                if cfg.train.val_every and step % cfg.train.val_every == 0:
-                    run_validation()
-                # No checkpoints during a non-finite streak: the last one stays the last good one.
-                if (step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps) and not streak:
-                    save_checkpoint()
-                if step >= cfg.train.max_steps:
+                if after_step(step, streak, cfg.train, run_validation, save_checkpoint):
                     break
             else:
                 run.next_epoch()

@@ -24,7 +24,7 @@ from .data import (
     validation_files,
 )
 from .ema import ModelEMA
-from .loop import TrainProgress, nonfinite_anywhere
+from .loop import NonFiniteLossError, TrainProgress, after_step, due, nonfinite_anywhere
 from .optim import build_optimizer, build_scheduler, learning_rates
 from .tracking import MetricsLog, read_metrics, tensorboard_tracker
 
@@ -36,13 +36,16 @@ __all__ = [
     "ImageFolderDataset",
     "MetricsLog",
     "ModelEMA",
+    "NonFiniteLossError",
     "OptimConfig",
     "TrainConfig",
     "TrainProgress",
+    "after_step",
     "apply_overrides",
     "build_config",
     "build_optimizer",
     "build_scheduler",
+    "due",
     "learning_rates",
     "list_images",
     "load_config",
