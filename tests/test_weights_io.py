@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import stat
 
 import diffusers
 import pytest
@@ -240,6 +241,16 @@ def test_interrupted_save_keeps_previous_file(vae, tmp_path, monkeypatch):
         "config.json",
         "diffusion_pytorch_model.safetensors",
     ]
+
+
+def test_saved_files_get_the_umask_permissions_not_mkstemps_0600(vae, tmp_path):
+    old = os.umask(0o022)
+    try:
+        vae.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644
 
 
 # ----------------------------------------------------------------------------------------------- VQ
