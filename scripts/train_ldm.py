@@ -48,6 +48,7 @@ from ldm_vae.ldm import (
     sampling_scheduler,
     vlb_bits_per_dim,
 )
+from ldm_vae.runtime import autocast_precision
 from ldm_vae.training import (
     CheckpointManager,
     ConfigError,
@@ -188,7 +189,7 @@ def main(cfg: Config) -> Path:
     """Trains as ``cfg`` says; returns the exported pipeline folder ``<output_dir>/pipeline``."""
     run_dir = Path(cfg.train.output_dir)
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=autocast_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step below
         log_with=tensorboard_tracker(cfg.train.tensorboard),
@@ -197,7 +198,10 @@ def main(cfg: Config) -> Path:
         ),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
-    accelerator.print(f"world_size={world} distributed_type={accelerator.distributed_type.value}")
+    accelerator.print(
+        f"world_size={world} distributed_type={accelerator.distributed_type.value} "
+        f"mixed_precision={accelerator.mixed_precision}"
+    )
     ckpts = CheckpointManager(accelerator, run_dir, keep=cfg.train.keep_checkpoints)
     start = ckpts.resolve(cfg.train.resume)
     if start is None and not cfg.train.resume and ckpts.checkpoints():

@@ -35,6 +35,7 @@ from ldm_vae import AutoencoderKL, CheckpointError, VQAutoencoder
 from ldm_vae.images import ImageError, save_image
 from ldm_vae.losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
 from ldm_vae.metrics import psnr, ssim
+from ldm_vae.runtime import autocast_precision
 from ldm_vae.training import (
     CheckpointManager,
     ConfigError,
@@ -161,7 +162,7 @@ def main(cfg: Config) -> Path:
     """Trains as ``cfg`` says; returns the exported diffusers folder ``<output_dir>/vae``."""
     run_dir = Path(cfg.train.output_dir)
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=autocast_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         # Schedulers are stepped once per optimizer step by this loop (not num_processes times by Accelerate).
         step_scheduler_with_optimizer=False,
@@ -172,7 +173,8 @@ def main(cfg: Config) -> Path:
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     accelerator.print(
-        f"world_size={world} distributed_type={accelerator.distributed_type.value} device={accelerator.device}"
+        f"world_size={world} distributed_type={accelerator.distributed_type.value} device={accelerator.device} "
+        f"mixed_precision={accelerator.mixed_precision}"
     )
     set_seed(cfg.train.seed)  # identical initial weights on every process
     ckpts = CheckpointManager(accelerator, run_dir, keep=cfg.train.keep_checkpoints)

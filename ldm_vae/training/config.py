@@ -84,7 +84,8 @@ class TrainConfig:
     output_dir: str = "runs/vae"  # run folder: checkpoints, metrics.jsonl, samples, tensorboard, export
     max_steps: int = 1000  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate autocast
+    # Accelerate autocast; "auto" is bf16 where the hardware runs it natively, else fp32 ("no")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False  # recompute encoder/decoder activations in the backward pass
     seed: int = 0
     ema_decay: float = 0.999  # EMA of the trained weights (0 disables); warms up as (1 + t) / (10 + t)
