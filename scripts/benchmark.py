@@ -124,7 +124,7 @@ def markdown_table(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024], help="sizes run by every case")
     p.add_argument(
         "--tiled-sizes", type=int, nargs="*", default=[2048], help="sizes run only by ldm_vae tiled"
     )
@@ -148,7 +148,10 @@ def main() -> None:
     torch.manual_seed(0)
     reference_model = AutoencoderKL.from_pretrained("sd")
     reference_model.save_pretrained(tmp / "weights")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     with open("/proc/cpuinfo") as f:
         model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(f"machine: {model_name}; {machine}; SD-shaped random weights")
