@@ -11,11 +11,5 @@ while [ $# -gt 0 ]; do
         *) echo "usage: scripts/demo.sh [-o OUT_DIR]" >&2; exit 2 ;;
     esac
 done
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[demo]"
+. scripts/venv.sh demo
 exec ldm-vae demo -o "$out"
