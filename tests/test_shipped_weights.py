@@ -1,0 +1,60 @@
+"""The shipped demo weights (weights/demo): they load in ldm_vae and in diffusers, agree, and do their job."""
+
+import json
+import re
+
+import diffusers
+import pytest
+import torch
+from PIL import Image
+
+from ldm_vae import AutoencoderKL
+from ldm_vae.cli import reconstruct_images
+from ldm_vae.demo import bundled_photos
+from ldm_vae.ldm import load_pipeline
+from ldm_vae.pretrained import WEIGHTS_DIR
+
+DEMO = WEIGHTS_DIR / "demo"
+CARD = (DEMO / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return AutoencoderKL.from_pretrained("demo")
+
+
+def test_demo_vae_is_the_documented_kl_f8_in_fp16_safetensors(vae):
+    cfg = vae.config
+    assert (len(cfg.block_out_channels), cfg.latent_channels) == (4, 4)  # f = 8, 4 latent channels
+    assert 0.2 < cfg.scaling_factor < 5  # 1 / std of the cached latents, not a preset's default
+    stored = json.loads((DEMO / "vqvae" / "config.json").read_text())
+    assert stored["_class_name"] == "AutoencoderKL"
+    assert sum(f.stat().st_size for f in DEMO.rglob("*.safetensors")) < 20 * 2**20  # small: fp16
+    assert not [f for f in DEMO.rglob("*") if f.suffix in {".bin", ".ckpt", ".pt", ".pth"}]  # no pickles
+
+
+def test_demo_vae_reproduces_its_model_card(vae, tmp_path):
+    # The card's table row for a photo never seen in training, recomputed from the shipped weights (fp32).
+    row = re.search(r"^\| astronaut \| 512x512 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", CARD, re.M)
+    Image.fromarray(bundled_photos(["astronaut"])["astronaut"]).save(tmp_path / "astronaut.png")
+    (r,) = reconstruct_images(vae, [tmp_path / "astronaut.png"], [tmp_path / "out.png"], batch_size=1)
+    assert (r["psnr"], r["ssim"], r["bicubic_psnr"]) == pytest.approx(
+        tuple(map(float, row.groups())), abs=0.006
+    )
+
+
+def test_demo_pipeline_loads_in_diffusers_and_matches_ours(vae):
+    pipe = diffusers.DiffusionPipeline.from_pretrained(DEMO)
+    assert isinstance(pipe, diffusers.LDMPipeline)
+    ours_vae, unet, _ = load_pipeline(DEMO)
+    z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = pipe.vqvae.decode(z).sample
+        assert torch.allclose(vae.decode(z), theirs, atol=1e-5)
+        assert torch.allclose(ours_vae.decode(z), theirs, atol=1e-5)
+        t = torch.tensor([500])
+        assert torch.equal(unet(z, t).sample, pipe.unet(z, t).sample)
+    images = pipe(
+        batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np"
+    ).images
+    assert images.shape == (1, 128, 128, 3) and images.min() >= 0 and images.max() <= 1
