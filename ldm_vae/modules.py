@@ -86,7 +86,8 @@ class ResnetBlock(nn.Module):
             return conv_add(self.conv2, h, skip)
         h = self.conv2(h)
         # Reference path, op for op as diffusers: memory layouts pick the conv kernels, hence the rounding.
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x.contiguous())
+        # diffusers >= 0.42 makes the shortcut's input contiguous only in training (its issue #12975).
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x.contiguous() if self.training else x)
         return skip + h
 
 

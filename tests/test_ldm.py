@@ -133,9 +133,10 @@ def test_ddim_eta0_is_deterministic_given_the_initial_noise():
     ddim = sampling_scheduler(train, "ddim")
     outs = [sample_latents(unet, ddim, 2, 8, torch.Generator().manual_seed(s), noise=noise) for s in (1, 2)]
     assert torch.equal(outs[0], outs[1])  # the generator is never drawn from
-    # Per-sample: a batch of one gives the same latent as its row in a batch of two.
+    # Per-sample: a batch of one gives the same latent as its row in a batch of two, up to rounding (the batch
+    # size picks the conv kernels: 2e-5 apart after 8 steps on an AVX2 CPU; a leak between samples is O(1)).
     one = sample_latents(unet, ddim, 1, 8, noise=noise[1:])
-    torch.testing.assert_close(one[0], outs[0][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one[0], outs[0][1], atol=1e-4, rtol=1e-4)
     stochastic = [
         sample_latents(unet, ddim, 2, 8, torch.Generator().manual_seed(s), eta=1.0, noise=noise)
         for s in (1, 2)
