@@ -218,9 +218,10 @@ def main() -> None:
                     psnr_db=None if ref is None else psnr(out, ref),
                 )
                 results.append(row)
+                diff_text, psnr_text = accuracy(row)
                 print(
                     f"{op:6} {size:>5} {case:30} {row['median_s']:>9.2f} {row['peak_gb']:>8.2f} "
-                    f"{accuracy(row)[0]:>10} {accuracy(row)[1]:>8}",
+                    f"{diff_text:>10} {psnr_text:>8}",
                     flush=True,
                 )
                 if args.json:  # after every case: a long run stopped early keeps what it measured

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ldm_vae import PRESETS
+from ldm_vae.runtime import autocast_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("vae", "latents", "ldm", "ship")
@@ -102,8 +103,6 @@ def pictures(
 
 def vae_round(vae_run: Path) -> dict:
     """One training round of the autoencoder (a run from a preset, or continued from earlier weights)."""
-    from ldm_vae.runtime import autocast_precision
-
     cfg = json.loads((vae_run / "train_config.json").read_text())
     log = logged(vae_run)
     val = [r for r in log if "val/psnr_ema" in r][-1]

@@ -419,6 +419,8 @@ def test_example_configs_load_with_their_recipes():
     )
     assert configs["vq_f8_scratch.toml"].model.kind == "vq"
     assert configs["tiny_cpu.toml"].loss.perceptual_weight == 0  # runs here: no LPIPS weights needed
+    # The recipes autocast in bf16 only where the hardware runs it natively (resolved when training starts).
+    assert {c.train.mixed_precision for n, c in configs.items() if n != "tiny_cpu.toml"} == {"auto"}
 
 
 def test_validation_reports_lpips_when_the_perceptual_net_exists():
