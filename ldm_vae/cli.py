@@ -461,6 +461,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         model_name=model,
         tile_size=args.tile_size,
+        views=args.views,
+        seed=args.seed,
     )
     if manifest is not None:  # the main process
         shape = "x".join(map(str, manifest["latent_shape"]))
@@ -582,7 +584,7 @@ CONVERT_DETAILS = (
     "file with original LDM names."
 )
 CACHE_DETAILS = (
-    "Center-crops each image to RESOLUTION, encodes it and stores the posterior mean and std in "
+    "Center-crops each image to RESOLUTION (with --views V, adds V - 1 random crops and mirror images), encodes it and stores the posterior mean and std in "
     "shard-NNNNN.safetensors files plus latents.json with the latent scale (1 / std of posterior samples). "
     "Rerunning skips finished shards; under `accelerate launch -m ldm_vae.cli` processes share the shards."
 )
@@ -711,7 +713,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", metavar="DATA_DIR")
     p.add_argument("-o", "--output", required=True, metavar="LATENT_DIR")
     p.add_argument("--resolution", type=_positive_int, default=256, help="square image size (default 256)")
-    p.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--shard-size", type=_positive_int, default=1000, help="latents per shard (default 1000)")
+    p.add_argument(
+        "--views",
+        type=_positive_int,
+        default=1,
+        help="latents per image: the center crop, then random crops and mirror images (default 1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random views (default 0)")
 
     p = command(cmd_sample, "sample a latent-diffusion pipeline to PNG images", SAMPLE_DETAILS, model=False)
     p.add_argument(

@@ -3,13 +3,16 @@ sharded safetensors, plus the latent scale of Latent Diffusion's ``scale_by_std`
 
 Caching the posterior rather than one sample lets training draw a fresh z = mean + std * eps every epoch, as
 training on the fly would (Rombach et al., 2022, Sec. 3 and App. G). The scale is LDM's: 1 / std of sampled
-latents over the cached set, so the diffusion model sees unit-variance data ``(z - shift) * scale``.
+latents over the cached set, so the diffusion model sees unit-variance data ``(z - shift) * scale``. With
+``views`` > 1 each image also gives random crops and mirror images (the augmentation LDM trains with on the fly),
+which a few hundred photos need: a DDPM trained on one latent per photo memorizes them and, on held-out
+latents, predicts the noise at small t worse than predicting zero.
 
 Layout of a cache folder::
 
     shard-00000.safetensors  mean, std: (n, C, h, w) float32; metadata: names (JSON list), fingerprint
     shard-00001.safetensors  ...
-    latents.json             manifest: shards, model, resolution, scale, shift (written last)
+    latents.json             manifest: shards, model, resolution, views, scale, shift (written last)
 
 Shards are written atomically and skipped on a rerun with the same inputs, so an interrupted run resumes. Under
 ``accelerate launch`` process r of k encodes shards r, r + k, r + 2k, ...; the main process writes the manifest
@@ -27,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
@@ -38,7 +41,7 @@ from tqdm import tqdm
 from .autoencoder_kl import AutoencoderKL
 from .checkpoint import CheckpointError, read_state_dict, write_json, write_safetensors
 from .images import load_image
-from .training.data import center_crop, mix_seed
+from .training.data import center_crop, mix_seed, resize_short_side
 
 MANIFEST_NAME = "latents.json"
 FORMAT = "ldm-vae-latents/1"
@@ -65,25 +68,34 @@ def shards_of_process(num_shards: int, rank: int, world: int) -> list[int]:
     return list(range(rank, num_shards, world))
 
 
-def prepare_image(path: str | os.PathLike, resolution: int) -> Tensor:
-    """An image file -> (3, resolution, resolution) in [-1, 1]: short side resized to ``resolution``, then
-    the center square (LDM's preprocessing for unconditional models)."""
+def prepare_image(path: str | os.PathLike, resolution: int, view: int = 0, seed: int = 0) -> Tensor:
+    """An image file -> (3, resolution, resolution) in [-1, 1].
+
+    View 0 is LDM's preprocessing for unconditional models: the short side resized to ``resolution``, then the
+    center square. Views 1, 2, ... are augmentations drawn from ``seed``, like the random crops the autoencoder
+    trains on: the short side resized to a random size between ``resolution`` and its own, a random square of
+    that, mirrored half the time.
+    """
     x = load_image(path)  # (3, H, W)
+    if view == 0:
+        return center_crop(resize_short_side(x, resolution), resolution)
+    rng = np.random.default_rng(seed)
+    short = int(rng.integers(resolution, max(resolution, min(x.shape[-2:])) + 1))
+    x = resize_short_side(x, short)  # (3, H', W'), short side in [resolution, min(H, W)]
     h, w = x.shape[-2:]
-    if min(h, w) > resolution:  # center_crop only resizes up; shrink here (antialiased, like PIL's bicubic)
-        size = (
-            max(resolution, round(h * resolution / min(h, w))),
-            max(resolution, round(w * resolution / min(h, w))),
-        )
-        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-        x = x.clamp(-1.0, 1.0)
-    return center_crop(x, resolution)
+    top, left = int(rng.integers(h - resolution + 1)), int(rng.integers(w - resolution + 1))
+    x = x[:, top : top + resolution, left : left + resolution]
+    return (x.flip(-1) if rng.random() < 0.5 else x).contiguous()
 
 
-def cache_fingerprint(vae: AutoencoderKL, names: Sequence[str], resolution: int, shard_size: int) -> str:
-    """SHA-256 of everything a shard's contents depend on: weights, config, images, resolution, sharding."""
+def cache_fingerprint(
+    vae: AutoencoderKL, names: Sequence[str], resolution: int, shard_size: int, views: int = 1, seed: int = 0
+) -> str:
+    """SHA-256 of everything a shard's contents depend on: weights, config, images, resolution, sharding, views."""
     h = hashlib.sha256(safetensors_bytes({k: v.float().contiguous() for k, v in vae.state_dict().items()}))
-    h.update(json.dumps([vae.config.to_diffusers(), list(names), resolution, shard_size]).encode())
+    h.update(
+        json.dumps([vae.config.to_diffusers(), list(names), resolution, shard_size, views, seed]).encode()
+    )
     return h.hexdigest()
 
 
@@ -127,6 +139,8 @@ def cache_latents(
     shard_size: int = 1000,
     model_name: str = "",
     tile_size: int | None = None,
+    views: int = 1,
+    seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """Encodes ``files`` into ``out_dir`` (see the module docstring); skips shards already done.
@@ -140,9 +154,13 @@ def cache_latents(
         root: the folder names are recorded relative to.
         resolution: square image size; a multiple of the VAE's downsampling factor.
         batch_size: images per encoder pass.
-        shard_size: images per shard.
+        shard_size: latents per shard.
         model_name: how the model was named (recorded in the manifest).
         tile_size: exact tiled encoding, tile edge in pixels.
+        views: latents per image: view 0 is the center crop, the others random crops and flips
+            (:func:`prepare_image`), so a small image set gives the diffusion model more to learn from. Item
+            ``k`` is view ``k % views`` of image ``k // views``.
+        seed: draws the random views.
         progress: show a progress bar (main process, interactive stderr only).
 
     Returns:
@@ -155,13 +173,15 @@ def cache_latents(
         raise ValueError(f"resolution {resolution} is not a positive multiple of the model's factor {f}")
     if not files:
         raise ValueError("no images to encode")
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
     out_dir = Path(out_dir)
     names = [
         Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else Path(p).name for p in files
     ]
-    fingerprint = cache_fingerprint(vae, names, resolution, shard_size)
+    fingerprint = cache_fingerprint(vae, names, resolution, shard_size, views, seed)
     _check_manifest(out_dir, fingerprint)
-    shards = shard_ranges(len(files), shard_size)
+    shards = shard_ranges(len(files) * views, shard_size)
     # Every process checks every shard, so a foreign cache fails everywhere before anything is written.
     todo = [i for i in range(len(shards)) if not _is_done(out_dir / shard_name(i), fingerprint)]
 
@@ -180,13 +200,20 @@ def cache_latents(
             items = shards[i]
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
-                x = torch.stack([prepare_image(files[j], resolution) for j in batch])  # (B, 3, R, R)
+                x = torch.stack(  # (B, 3, R, R)
+                    [
+                        prepare_image(files[k // views], resolution, k % views, mix_seed(seed, k))
+                        for k in batch
+                    ]
+                )
                 posterior = vae.encode(x.to(vae.device), tile_size=tile_size)  # over (B, C, R/f, R/f)
                 means.append(posterior.mean.float().cpu())
                 stds.append(posterior.std.float().cpu())
                 bar.update(len(batch))
             metadata = {
-                "names": json.dumps([names[j] for j in items]),
+                "names": json.dumps(
+                    [names[k // views] + (f"#{k % views}" if k % views else "") for k in items]
+                ),
                 "fingerprint": fingerprint,
                 "process": f"{state.process_index}/{state.num_processes}",  # which process wrote it
             }
@@ -197,7 +224,7 @@ def cache_latents(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    manifest = _manifest(vae, out_dir, shards, fingerprint, resolution, model_name)
+    manifest = _manifest(vae, out_dir, shards, fingerprint, resolution, model_name, views)
     write_json(manifest, out_dir / MANIFEST_NAME)
     return manifest
 
@@ -228,7 +255,13 @@ def latent_moments(means: Sequence[Tensor], stds: Sequence[Tensor]) -> tuple[flo
 
 
 def _manifest(
-    vae: AutoencoderKL, out_dir: Path, shards: list[range], fingerprint: str, resolution: int, model: str
+    vae: AutoencoderKL,
+    out_dir: Path,
+    shards: list[range],
+    fingerprint: str,
+    resolution: int,
+    model: str,
+    views: int,
 ) -> dict[str, Any]:
     """Reads every shard back (all processes' work) and describes the cache."""
     means, stds, entries = [], [], []
@@ -252,6 +285,7 @@ def _manifest(
         "resolution": resolution,
         "latent_shape": list(means[0].shape[1:]),
         "num_items": sum(e["count"] for e in entries),
+        "views": views,  # item k is view k % views of image k // views (view 0: the center crop)
         "shards": entries,
         # LDM's scale_by_std: the DDPM trains on (z - shift) * scale, z sampled from the posterior.
         "scale": 1.0 / std,

@@ -1,7 +1,8 @@
 """Builds the shipped demo weights (``weights/demo/``) end to end, each stage resumable:
 
 1. ``vae``: the KL-f8 autoencoder, ``scripts/train_vae.py --config scripts/configs/demo_kl_f8.toml``;
-2. ``latents``: ``ldm-vae cache-latents`` of the photos through it (128 px centre crops);
+2. ``latents``: ``ldm-vae cache-latents`` of the photos through it (128 px: the centre crop and 7 random crops
+   and mirror images of each photo);
 3. ``ldm``: the latent DDPM, ``scripts/train_ldm.py --config scripts/configs/ldm_demo.toml``;
 4. ``ship``: copies the exported pipeline to ``weights/demo/``, runs ``ldm-vae demo`` on it, writes the model
    card (``weights/demo/README.md``) from the runs' logs and the demo's scores, and the README's pictures.
@@ -121,7 +122,13 @@ def vae_round(vae_run: Path) -> dict:
 
 
 def card(
-    vae_run: Path, ldm_run: Path, shipped: Path, demo: dict, rounds: list[dict], commands: list[str]
+    vae_run: Path,
+    latents: Path,
+    ldm_run: Path,
+    shipped: Path,
+    demo: dict,
+    rounds: list[dict],
+    commands: list[str],
 ) -> str:
     """The model card of weights/demo, from the runs' resolved configs and logs and the demo's scores."""
     vae_cfg = json.loads((vae_run / "train_config.json").read_text())
@@ -129,8 +136,9 @@ def card(
     ldm_log = logged(ldm_run)
     ldm_hours = training_hours(ldm_log, ldm_cfg["train"]["log_every"])
     val = rounds[-1]
-    ldm_val = [r for r in ldm_log if any(k.startswith("val/") for k in r)][-1]
-    ldm_val_text = ", ".join(f"`{k}` {v:.4g}" for k, v in ldm_val.items() if k.startswith("val/"))
+    ldm_vals = [r for r in ldm_log if "val/bpd_ema" in r]
+    manifest = json.loads((latents / "latents.json").read_text())
+    views = manifest.get("views", 1)
     vqvae = json.loads((shipped / "vqvae/config.json").read_text())
     unet = json.loads((shipped / "unet/config.json").read_text())
     size = sum(p.stat().st_size for p in shipped.rglob("*.safetensors")) / 2**20
@@ -172,11 +180,23 @@ def card(
         "## Latent DDPM (`unet/`, `scheduler/`)",
         "",
         f"- `UNet2DModel`: `block_out_channels` {unet['block_out_channels']}, `layers_per_block` "
-        f"{unet['layers_per_block']}, on 16x16x4 latents (128 px images); epsilon objective, diffusers' DDPM "
+        f"{unet['layers_per_block']}, on 16x16x4 latents of 128 px images ({views} per photo: the centre crop"
+        + (" and random crops and mirror images" if views > 1 else "")
+        + f", {manifest['num_items']} in all); epsilon objective, diffusers' DDPM "
         f"scheduler ({ldm_cfg['diffusion']['beta_schedule']}, {ldm_cfg['diffusion']['num_train_timesteps']} steps), "
         "sampled with DDIM.",
         f"- Steps: {ldm_log[-1]['step']} ({ldm_hours:.2f} h), batch {ldm_cfg['data']['batch_size']}, lr "
-        f"{ldm_cfg['optim']['lr']}. Held-out latents: {ldm_val_text}.",
+        f"{ldm_cfg['optim']['lr']}.",
+        f"- Variational bound on the held-out latents (centre crops of the last {ldm_cfg['data']['num_val']} "
+        "photos, none of whose crops were trained on), in bits per dimension, against the same latents under the "
+        "N(0, I) prior a VAE samples from (a bound on differential entropy: lower is better):",
+        "",
+        "| step | val loss (EMA) | bound bits/dim (EMA) | N(0, I) bits/dim |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {r['step']} | {r['val/loss_ema']:.4f} | {r['val/bpd_ema']:.3f} | {r['val/prior_bpd_ema']:.3f} |"
+            for r in ldm_vals
+        ),
         "",
         "## Measured (`ldm-vae demo`, scikit-image's colour photos, never seen in training)",
         "",
@@ -236,7 +256,7 @@ def main() -> None:
         f"--output-dir {rel['vae']} --resume latest"
         + (f" --max-steps {args.vae_steps}" if args.vae_steps else "")
         + (f" --model.init {args.vae_init}" if args.vae_init else ""),
-        f"ldm-vae cache-latents {photos} -o {rel['latents']} --model {rel['vae']}/vae --resolution 128",
+        f"ldm-vae cache-latents {photos} -o {rel['latents']} --model {rel['vae']}/vae --resolution 128 --views 8",
         f"python scripts/train_ldm.py --config scripts/configs/ldm_demo.toml --latent-dir {rel['latents']} "
         f"--output-dir {rel['ldm']} --resume latest"
         + (f" --max-steps {args.ldm_steps}" if args.ldm_steps else ""),
@@ -263,7 +283,7 @@ def main() -> None:
         demo = json.loads((demo_out / "metrics.json").read_text())
         commands.append("python scripts/build_demo_weights.py --stages ship  # copy here, demo, this card")
         (dest / "history.json").write_text(json.dumps({"vae_rounds": rounds}, indent=2) + "\n")
-        (dest / "README.md").write_text(card(vae_run, ldm_run, dest, demo, rounds, commands))
+        (dest / "README.md").write_text(card(vae_run, latents, ldm_run, dest, demo, rounds, commands))
         levels = len(json.loads((dest / "vqvae/config.json").read_text())["block_out_channels"])
         pictures(demo_out, args.docs, 2 ** (levels - 1))
         print(

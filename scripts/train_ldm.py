@@ -85,7 +85,9 @@ class LatentDataConfig:
     vae: str = ""  # autoencoder for sample grids and export; "" = the model named in the cache manifest
     batch_size: int = 16  # per process and per micro-step
     num_workers: int = 0  # latents are in memory: worker processes rarely pay off
-    num_val: int = 16  # the last num_val cached latents are held out for the loss and bits/dim
+    num_val: int = (
+        16  # the last num_val cached images are held out (their center crops) for the loss and bits/dim
+    )
 
 
 @dataclass(frozen=True)
@@ -132,15 +134,17 @@ def load_data(cfg: LatentDataConfig, world: int) -> tuple[LatentDataset, LatentD
             "no latents: set data.latent_dir or pass --latent-dir (see `ldm-vae cache-latents`)"
         )
     manifest = read_manifest(cfg.latent_dir)
-    n = manifest["num_items"]
+    views = manifest.get("views", 1)
+    n = manifest["num_items"] // views  # images
     if not 0 <= cfg.num_val < n:
-        raise ConfigError(f"data.num_val {cfg.num_val} must be in [0, {n}) for a cache of {n} latents")
-    if n - cfg.num_val < cfg.batch_size * world:
+        raise ConfigError(f"data.num_val {cfg.num_val} must be in [0, {n}) for a cache of {n} images")
+    if (n - cfg.num_val) * views < cfg.batch_size * world:
         raise ConfigError(
-            f"{n - cfg.num_val} training latents: fewer than one batch per process ({cfg.batch_size})"
+            f"{(n - cfg.num_val) * views} training latents: fewer than one batch per process ({cfg.batch_size})"
         )
-    train = LatentDataset(cfg.latent_dir, range(n - cfg.num_val))
-    return train, LatentDataset(cfg.latent_dir, range(n - cfg.num_val, n)), manifest
+    # Held out by image, not by view: the center crops of the last num_val images, whose other views are unused.
+    train = LatentDataset(cfg.latent_dir, range((n - cfg.num_val) * views))
+    return train, LatentDataset(cfg.latent_dir, range((n - cfg.num_val) * views, n * views, views)), manifest
 
 
 def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device) -> AutoencoderKL:

@@ -197,6 +197,50 @@ def test_bad_inputs_fail_before_writing(photos, vae_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_views_add_seeded_random_crops_after_each_center_crop(cached, photos, vae_dir, tmp_path):
+    out = tmp_path / "views"
+    assert cache(photos, vae_dir, out, "--views", "3", "--seed", "7") == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["num_items"] == 30 and manifest["views"] == 3
+    plain, data = LatentDataset(cached, sample=False), LatentDataset(out, sample=False)
+    assert data.names[:4] == [plain.names[0], plain.names[0] + "#1", plain.names[0] + "#2", plain.names[1]]
+    # View 0 of every image is the center crop the plain cache holds (batched differently: rounding only).
+    torch.testing.assert_close(data.mean[0::3], plain.mean, atol=1e-5, rtol=1e-5)
+    # The other views are the encoder's posterior of the seeded crops, and differ from the center crop.
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    files = sorted(photos.rglob("*.png"))
+    for k in (1, 5, 29):
+        x = prepare_image(files[k // 3], RES, k % 3, mix_seed(7, k))
+        with torch.no_grad():
+            torch.testing.assert_close(data.mean[k], vae.encode(x[None]).mean[0], atol=1e-5, rtol=1e-5)
+    # (A photo little larger than the crop has few other squares: some views may repeat the center one.)
+    same = [torch.allclose(data.mean[k], data.mean[k - k % 3], atol=1e-3) for k in range(30) if k % 3]
+    assert sum(same) <= 5
+    assert cache(photos, vae_dir, out, "--views", "3", "--seed", "8") == 1  # other views: refused
+
+
+def test_random_views_are_squares_of_the_image_at_a_random_scale(tmp_path):
+    # 16 x 48 ramp, one value per column: every view is 16 consecutive columns (no resize possible), some mirrored.
+    ramp = np.tile(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (16, 1, 3))
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    columns = torch.arange(48, dtype=torch.float32) * 5 / 255 * 2 - 1
+    mirrored = 0
+    for seed in range(12):
+        row = prepare_image(tmp_path / "wide.png", 16, view=1, seed=seed)[0, 3]
+        mirrored += bool(row[0] > row[-1])
+        start = int(torch.argmin((columns[None, :33] - row.sort().values[0]).abs()))
+        torch.testing.assert_close(row.sort().values, columns[start : start + 16], atol=1e-6, rtol=0)
+    assert 0 < mirrored < 12
+    # 64 x 40 with a bright left half: a larger image is shrunk by a random amount before the crop.
+    im = np.zeros((64, 40, 3), np.uint8)
+    im[:, :20] = 255
+    Image.fromarray(im).save(tmp_path / "tall.png")
+    views = [prepare_image(tmp_path / "tall.png", 16, view=1, seed=s) for s in range(12)]
+    assert all(v.shape == (3, 16, 16) and v.min() >= -1 and v.max() <= 1 for v in views)
+    assert len({round(float(v.mean()), 3) for v in views}) > 3  # different scales and offsets
+    torch.testing.assert_close(prepare_image(tmp_path / "tall.png", 16, 1, 3), views[3], atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- dataset
 
 

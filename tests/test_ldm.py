@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from ldm_vae import AutoencoderKL
 from ldm_vae.cli import main as cli_main
-from ldm_vae.latents import cache_latents
+from ldm_vae.latents import LatentDataset, cache_latents
 from ldm_vae.ldm import (
     NoiseConfig,
     UNetConfig,
@@ -386,6 +386,24 @@ def test_trainer_errors_are_one_line(latent_cache, tmp_path, capsys):
     assert "data.num_val 20 must be in [0, 20)" in error("--data.num_val", "20")
     assert "no latents.json" in error("--latent-dir", str(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_views_are_held_out_by_image(latent_cache, tmp_path):
+    photos = latent_cache.parent / "photos"
+    vae = AutoencoderKL.from_pretrained(latent_cache.parent / "vae")
+    out = tmp_path / "views"
+    cache_latents(vae, sorted(photos.iterdir()), out, root=photos, resolution=16, views=3, shard_size=7)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = config(out, tmp_path / "run")  # data.num_val = 4 images
+    train, val, manifest = tl.load_data(cfg.data, world=1)
+    assert manifest["num_items"] == 60 and len(train) == 48 and len(val) == 4
+    held_out = [f"img{i:02d}.png" for i in range(16, 20)]
+    assert val.names == held_out  # the center crops (view 0) of the last four photos ...
+    assert not {n.split("#")[0] for n in train.names} & set(
+        held_out
+    )  # ... none of whose views are trained on
+    plain = LatentDataset(latent_cache, sample=False)
+    torch.testing.assert_close(val.mean, plain.mean[16:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["ldm_demo.toml", "ldm_tiny_cpu.toml"])

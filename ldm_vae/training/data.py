@@ -54,16 +54,21 @@ def readable(files: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]
     return good, bad
 
 
-def resize_short_side_up(x: Tensor, size: int) -> Tensor:
-    """(3, H, W) -> short side ``size`` (bicubic, antialiased, clamped to [-1, 1]) if it is smaller; else ``x``."""
+def resize_short_side(x: Tensor, size: int) -> Tensor:
+    """(3, H, W) -> short side ``size``, aspect kept (bicubic, antialiased, clamped to [-1, 1])."""
     h, w = x.shape[-2:]
-    if min(h, w) >= size:
+    if min(h, w) == size:
         return x
     scale = size / min(h, w)
     new = (max(size, round(h * scale)), max(size, round(w * scale)))
     return F.interpolate(x[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0].clamp(
         -1, 1
     )
+
+
+def resize_short_side_up(x: Tensor, size: int) -> Tensor:
+    """(3, H, W) -> short side ``size`` if it is smaller (see :func:`resize_short_side`); else ``x``."""
+    return resize_short_side(x, size) if min(x.shape[-2:]) < size else x
 
 
 def center_crop(x: Tensor, size: int) -> Tensor:
