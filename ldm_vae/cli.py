@@ -520,16 +520,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_ldm_eval(args: argparse.Namespace) -> int:
-    from .latents import LatentDataset
+    from .latents import LatentDataset, held_out_split
     from .ldm import gaussian_bits_per_dim, load_pipeline, sampling_scheduler, vlb_bits_per_dim
 
     vae, unet, scheduler = load_pipeline(args.pipeline, _device(args.device))
     data = LatentDataset(args.latents)
-    n = len(data)
     if args.last is not None:
-        if args.last > n:
-            raise CLIError(f"--last {args.last}: the cache holds {n} latents")
-        data = LatentDataset(args.latents, range(n - args.last, n))
+        try:
+            data = LatentDataset(args.latents, held_out_split(data.manifest, args.last)[1])
+        except ValueError as e:
+            raise CLIError(f"--last {args.last}: {e}") from None
     if not math.isclose(vae.config.scaling_factor, data.scale, rel_tol=1e-5) or data.shift:
         raise CLIError(
             f"{args.pipeline}: its VAE scales latents by {vae.config.scaling_factor}, the cache by {data.scale} "
@@ -761,7 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("latents", metavar="LATENT_DIR")
     p.add_argument("--pipeline", required=True, metavar="DIR")
     p.add_argument(
-        "--last", type=_positive_int, help="only the last N latents (the trainer's held-out data.num_val)"
+        "--last",
+        type=_positive_int,
+        help="only the centre crops of the last N images (the trainer's held-out data.num_val)",
     )
     p.add_argument(
         "--timesteps",

@@ -316,6 +316,20 @@ def read_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def held_out_split(manifest: dict[str, Any], num_val: int) -> tuple[range, range]:
+    """(training, held-out) item indices of a cache: the held-out ones are the centre crops (view 0) of its last
+    ``num_val`` images, and none of those images' views are trained on.
+
+    Raises:
+        ValueError: ``num_val`` not in [0, number of images).
+    """
+    views = manifest.get("views", 1)
+    n = manifest["num_items"] // views  # images
+    if not 0 <= num_val < n:
+        raise ValueError(f"{num_val} held-out images: must be in [0, {n}) for a cache of {n} images")
+    return range((n - num_val) * views), range((n - num_val) * views, n * views, views)
+
+
 class LatentDataset(Dataset):
     """Diffusion-ready latents ``(z - shift) * scale`` from a cache folder, all held in memory.
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ldm_vae import AutoencoderKL, CheckpointError
 from ldm_vae.images import save_image
-from ldm_vae.latents import LatentDataset, read_manifest
+from ldm_vae.latents import LatentDataset, held_out_split, read_manifest
 from ldm_vae.ldm import (
     NoiseConfig,
     UNetConfig,
@@ -134,17 +134,15 @@ def load_data(cfg: LatentDataConfig, world: int) -> tuple[LatentDataset, LatentD
             "no latents: set data.latent_dir or pass --latent-dir (see `ldm-vae cache-latents`)"
         )
     manifest = read_manifest(cfg.latent_dir)
-    views = manifest.get("views", 1)
-    n = manifest["num_items"] // views  # images
-    if not 0 <= cfg.num_val < n:
-        raise ConfigError(f"data.num_val {cfg.num_val} must be in [0, {n}) for a cache of {n} images")
-    if (n - cfg.num_val) * views < cfg.batch_size * world:
+    try:  # held out by image, not by view: the centre crops of the last num_val images
+        train, val = held_out_split(manifest, cfg.num_val)
+    except ValueError as e:
+        raise ConfigError(f"data.num_val: {e}") from None
+    if len(train) < cfg.batch_size * world:
         raise ConfigError(
-            f"{(n - cfg.num_val) * views} training latents: fewer than one batch per process ({cfg.batch_size})"
+            f"{len(train)} training latents: fewer than one batch per process ({cfg.batch_size})"
         )
-    # Held out by image, not by view: the center crops of the last num_val images, whose other views are unused.
-    train = LatentDataset(cfg.latent_dir, range((n - cfg.num_val) * views))
-    return train, LatentDataset(cfg.latent_dir, range((n - cfg.num_val) * views, n * views, views)), manifest
+    return LatentDataset(cfg.latent_dir, train), LatentDataset(cfg.latent_dir, val), manifest
 
 
 def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device) -> AutoencoderKL:

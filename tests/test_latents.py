@@ -21,6 +21,7 @@ from ldm_vae.cli import main
 from ldm_vae.latents import (
     MANIFEST_NAME,
     LatentDataset,
+    held_out_split,
     latent_moments,
     prepare_image,
     shard_name,
@@ -239,6 +240,17 @@ def test_random_views_are_squares_of_the_image_at_a_random_scale(tmp_path):
     assert all(v.shape == (3, 16, 16) and v.min() >= -1 and v.max() <= 1 for v in views)
     assert len({round(float(v.mean()), 3) for v in views}) > 3  # different scales and offsets
     torch.testing.assert_close(prepare_image(tmp_path / "tall.png", 16, 1, 3), views[3], atol=0, rtol=0)
+
+
+def test_held_out_split_keeps_every_view_of_a_held_out_image_apart():
+    assert held_out_split({"num_items": 10}, 3) == (range(7), range(7, 10))  # a cache without views
+    train, val = held_out_split({"num_items": 30, "views": 3}, 2)
+    assert list(val) == [24, 27] and train == range(
+        24
+    )  # centre crops of images 8, 9; no view of them trained
+    assert held_out_split({"num_items": 30, "views": 3}, 0) == (range(30), range(30, 30, 3))
+    with pytest.raises(ValueError, match=r"10 held-out images: must be in \[0, 10\)"):
+        held_out_split({"num_items": 30, "views": 3}, 10)
 
 
 # ------------------------------------------------------------------------------------------- dataset

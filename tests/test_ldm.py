@@ -383,7 +383,7 @@ def test_trainer_errors_are_one_line(latent_cache, tmp_path, capsys):
     assert "attention level 5 does not exist" in error(
         "--data.batch_size", "4", "--model.attention_levels", "5"
     )
-    assert "data.num_val 20 must be in [0, 20)" in error("--data.num_val", "20")
+    assert "data.num_val: 20 held-out images: must be in [0, 20)" in error("--data.num_val", "20")
     assert "no latents.json" in error("--latent-dir", str(tmp_path))
     assert not (tmp_path / "run").exists()
 
