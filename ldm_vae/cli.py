@@ -584,8 +584,9 @@ CONVERT_DETAILS = (
     "file with original LDM names."
 )
 CACHE_DETAILS = (
-    "Center-crops each image to RESOLUTION (with --views V, adds V - 1 random crops and mirror images), encodes it and stores the posterior mean and std in "
-    "shard-NNNNN.safetensors files plus latents.json with the latent scale (1 / std of posterior samples). "
+    "Center-crops each image to RESOLUTION (with --views V, adds V - 1 random crops and mirror images), "
+    "encodes it and stores the posterior mean and std in shard-NNNNN.safetensors files plus latents.json "
+    "with the latent scale (1 / std of posterior samples). "
     "Rerunning skips finished shards; under `accelerate launch -m ldm_vae.cli` processes share the shards."
 )
 SAMPLE_DETAILS = (
@@ -763,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--last",
         type=_positive_int,
-        help="only the centre crops of the last N images (the trainer's held-out data.num_val)",
+        help="only the center crops of the last N images (the trainer's held-out data.num_val)",
     )
     p.add_argument(
         "--timesteps",

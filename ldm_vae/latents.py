@@ -317,7 +317,7 @@ def read_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def held_out_split(manifest: dict[str, Any], num_val: int) -> tuple[range, range]:
-    """(training, held-out) item indices of a cache: the held-out ones are the centre crops (view 0) of its last
+    """(training, held-out) item indices of a cache: the held-out ones are the center crops (view 0) of its last
     ``num_val`` images, and none of those images' views are trained on.
 
     Raises:

@@ -1,7 +1,7 @@
 """Builds the shipped demo weights (``weights/demo/``) end to end, each stage resumable:
 
 1. ``vae``: the KL-f8 autoencoder, ``scripts/train_vae.py --config scripts/configs/demo_kl_f8.toml``;
-2. ``latents``: ``ldm-vae cache-latents`` of the photos through it (128 px: the centre crop and 7 random crops
+2. ``latents``: ``ldm-vae cache-latents`` of the photos through it (128 px: the center crop and 7 random crops
    and mirror images of each photo);
 3. ``ldm``: the latent DDPM, ``scripts/train_ldm.py --config scripts/configs/ldm_demo.toml``;
 4. ``ship``: copies the exported pipeline to ``weights/demo/``, runs ``ldm-vae demo`` on it, writes the model
@@ -180,14 +180,14 @@ def card(
         "## Latent DDPM (`unet/`, `scheduler/`)",
         "",
         f"- `UNet2DModel`: `block_out_channels` {unet['block_out_channels']}, `layers_per_block` "
-        f"{unet['layers_per_block']}, on 16x16x4 latents of 128 px images ({views} per photo: the centre crop"
+        f"{unet['layers_per_block']}, on 16x16x4 latents of 128 px images ({views} per photo: the center crop"
         + (" and random crops and mirror images" if views > 1 else "")
         + f", {manifest['num_items']} in all); epsilon objective, diffusers' DDPM "
         f"scheduler ({ldm_cfg['diffusion']['beta_schedule']}, {ldm_cfg['diffusion']['num_train_timesteps']} steps), "
         "sampled with DDIM.",
         f"- Steps: {ldm_log[-1]['step']} ({ldm_hours:.2f} h), batch {ldm_cfg['data']['batch_size']}, lr "
         f"{ldm_cfg['optim']['lr']}.",
-        f"- Variational bound on the held-out latents (centre crops of the last {ldm_cfg['data']['num_val']} "
+        f"- Variational bound on the held-out latents (center crops of the last {ldm_cfg['data']['num_val']} "
         "photos, none of whose crops were trained on), in bits per dimension, against the same latents under the "
         "N(0, I) prior a VAE samples from (a bound on differential entropy: lower is better):",
         "",

@@ -134,7 +134,7 @@ def load_data(cfg: LatentDataConfig, world: int) -> tuple[LatentDataset, LatentD
             "no latents: set data.latent_dir or pass --latent-dir (see `ldm-vae cache-latents`)"
         )
     manifest = read_manifest(cfg.latent_dir)
-    try:  # held out by image, not by view: the centre crops of the last num_val images
+    try:  # held out by image, not by view: the center crops of the last num_val images
         train, val = held_out_split(manifest, cfg.num_val)
     except ValueError as e:
         raise ConfigError(f"data.num_val: {e}") from None

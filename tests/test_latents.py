@@ -247,7 +247,7 @@ def test_held_out_split_keeps_every_view_of_a_held_out_image_apart():
     train, val = held_out_split({"num_items": 30, "views": 3}, 2)
     assert list(val) == [24, 27] and train == range(
         24
-    )  # centre crops of images 8, 9; no view of them trained
+    )  # center crops of images 8, 9; no view of them trained
     assert held_out_split({"num_items": 30, "views": 3}, 0) == (range(30), range(30, 30, 3))
     with pytest.raises(ValueError, match=r"10 held-out images: must be in \[0, 10\)"):
         held_out_split({"num_items": 30, "views": 3}, 10)
