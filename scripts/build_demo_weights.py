@@ -95,7 +95,9 @@ def pictures(
         sheet.paste(r, (0, y0))
         y0 += r.height + 8
     sheet.save(docs / "reconstructions.jpg", quality=90)
-    samples = sorted((demo_out / "samples").glob("*.png"))
+    # The demo's own list: its samples folder also holds grid.png, the 4x4 grid of the same samples.
+    names = json.loads((demo_out / "metrics.json").read_text())["samples"]
+    samples = [demo_out / "samples" / name for name in names]
     grid = Image.new("RGB", (8 * 132, ((len(samples) + 7) // 8) * 132), "white")
     for i, p in enumerate(samples):
         grid.paste(Image.open(p).convert("RGB").resize((128, 128)), ((i % 8) * 132, (i // 8) * 132))
@@ -119,6 +121,14 @@ def vae_round(vae_run: Path) -> dict:
         "val_psnr_ema": val["val/psnr_ema"],
         "val_ssim_ema": val["val/ssim_ema"],
     }
+
+
+def add_round(history: list[dict], new: dict) -> list[dict]:
+    """The rounds so far plus this one, which replaces the last if it is the same round shipped again."""
+    undated = [{k: v for k, v in r.items() if k != "date"} for r in [*history[-1:], new]]
+    if len(undated) == 2 and undated[0] == undated[1]:
+        history = history[:-1]
+    return [*history, new]
 
 
 def card(
@@ -271,7 +281,7 @@ def main() -> None:
         dest = args.weights.resolve()
         rounds = [vae_round(vae_run)]
         if rounds[0]["init"] not in PRESETS and (dest / "history.json").exists():  # continued: earlier rounds
-            rounds = json.loads((dest / "history.json").read_text())["vae_rounds"] + rounds
+            rounds = add_round(json.loads((dest / "history.json").read_text())["vae_rounds"], rounds[0])
         tmp = dest.with_name(".demo.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(ldm_run / "pipeline", tmp)

@@ -1,7 +1,9 @@
 """The shipped demo weights (weights/demo): they load in ldm_vae and in diffusers, agree, and do their job."""
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -14,6 +16,7 @@ from ldm_vae.demo import bundled_photos
 from ldm_vae.ldm import load_pipeline
 from ldm_vae.pretrained import WEIGHTS_DIR
 
+ROOT = Path(__file__).resolve().parents[1]
 DEMO = WEIGHTS_DIR / "demo"
 CARD = (DEMO / "README.md").read_text()
 
@@ -58,3 +61,22 @@ def test_demo_pipeline_loads_in_diffusers_and_matches_ours(vae):
         batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np"
     ).images
     assert images.shape == (1, 128, 128, 3) and images.min() >= 0 and images.max() <= 1
+
+
+def test_card_lists_every_round_of_the_history_once():
+    rounds = json.loads((DEMO / "history.json").read_text())["vae_rounds"]
+    table = re.findall(r"^\| (\d+) \| [\d-]+ \| `([^`]+)` \| (\d+) \|", CARD, re.M)
+    assert table == [(str(i + 1), r["init"], str(r["steps"])) for i, r in enumerate(rounds)]
+    assert f"Steps: {sum(r['steps'] for r in rounds)} in {len(rounds)} round(s)" in CARD
+
+
+def test_shipping_a_round_again_replaces_it_rather_than_adding_one():
+    spec = importlib.util.spec_from_file_location(
+        "build_demo_weights", ROOT / "scripts/build_demo_weights.py"
+    )
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    one, two = ({"date": "2026-11-23", "init": "sd", "steps": s, "hours": 1.0} for s in (1500, 1300))
+    assert build.add_round([one], two) == [one, two]
+    assert build.add_round([one, two], {**two, "date": "2026-11-30"}) == [one, {**two, "date": "2026-11-30"}]
+    assert build.add_round([], one) == [one]
