@@ -16,6 +16,8 @@ that stops at that norm, so high-resolution stretches are recomputed from the la
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from dataclasses import dataclass
 
@@ -26,6 +28,29 @@ from .modules import GroupNorm, Unit
 
 GIB = 1024**3
 DEFAULT_STORE_BUDGET = 1 * GIB  # full-size activations kept at once when no max_memory is given
+
+
+def _find_malloc_trim():
+    """glibc's ``malloc_trim``, or None (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def _release_free_memory() -> None:
+    """Hands freed heap pages back to the OS.
+
+    A tile's activations (tens of MB) fall under glibc's dynamic mmap threshold (up to 32 MB), so they come
+    from the heap, and the freed holes stay resident: over the hundreds of tiles of a 2048 px decode the
+    process kept 0.7 GB more than it used, on top of the working set that ``max_memory`` budgets.
+    ``malloc_trim(0)`` releases free pages anywhere in the heap (glibc >= 2.8).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class _StopPass(Exception):
@@ -199,6 +224,8 @@ class _TiledRun:
                         y = u.fn(y)
                 except _StopPass:
                     continue
+                finally:
+                    _release_free_memory()
                 # Local output index of global out0: crops start on the grid, so this is exact.
                 oy, ox = round(ys.in0 / ratio), round(xs.in0 / ratio)
                 yield (ys, xs), y[..., ys.out0 - oy : ys.out1 - oy, xs.out0 - ox : xs.out1 - ox]
