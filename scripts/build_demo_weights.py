@@ -261,22 +261,25 @@ def main() -> None:
     rel = {
         k: os.path.relpath(v, ROOT) for k, v in {"vae": vae_run, "latents": latents, "ldm": ldm_run}.items()
     }
-    commands = [
-        f"python scripts/train_vae.py --config scripts/configs/demo_kl_f8.toml --data-dir {photos} "
-        f"--output-dir {rel['vae']} --resume latest"
-        + (f" --max-steps {args.vae_steps}" if args.vae_steps else "")
-        + (f" --model.init {args.vae_init}" if args.vae_init else ""),
-        f"ldm-vae cache-latents {photos} -o {rel['latents']} --model {rel['vae']}/vae --resolution 128 --views 8",
-        f"python scripts/train_ldm.py --config scripts/configs/ldm_demo.toml --latent-dir {rel['latents']} "
-        f"--output-dir {rel['ldm']} --resume latest"
-        + (f" --max-steps {args.ldm_steps}" if args.ldm_steps else ""),
-    ]
+
+    def commands(vae_steps: int | None, ldm_steps: int | None) -> list[str]:
+        return [
+            f"python scripts/train_vae.py --config scripts/configs/demo_kl_f8.toml --data-dir {photos} "
+            f"--output-dir {rel['vae']} --resume latest"
+            + (f" --max-steps {vae_steps}" if vae_steps else "")
+            + (f" --model.init {args.vae_init}" if args.vae_init else ""),
+            f"ldm-vae cache-latents {photos} -o {rel['latents']} --model {rel['vae']}/vae --resolution 128 --views 8",
+            f"python scripts/train_ldm.py --config scripts/configs/ldm_demo.toml --latent-dir {rel['latents']} "
+            f"--output-dir {rel['ldm']} --resume latest" + (f" --max-steps {ldm_steps}" if ldm_steps else ""),
+        ]
+
+    train = commands(args.vae_steps, args.ldm_steps)
     if "vae" in args.stages:
-        run(*commands[0].replace("python", py, 1).split())
+        run(*train[0].replace("python", py, 1).split())
     if "latents" in args.stages:
-        run(str(Path(py).with_name("ldm-vae")), *commands[1].split()[1:])
+        run(str(Path(py).with_name("ldm-vae")), *train[1].split()[1:])
     if "ldm" in args.stages:
-        run(*commands[2].replace("python", py, 1).split())
+        run(*train[2].replace("python", py, 1).split())
     if "ship" in args.stages:
         dest = args.weights.resolve()
         rounds = [vae_round(vae_run)]
@@ -289,11 +292,29 @@ def main() -> None:
             shutil.rmtree(dest)
         tmp.rename(dest)
         demo_out = runs / "demo-output"
-        run(str(Path(py).with_name("ldm-vae")), "demo", "-o", str(demo_out), "--pipeline", str(dest))
+        # fp32: the card's scores then do not depend on the CPU ("auto" is bf16 only where it is native).
+        run(
+            str(Path(py).with_name("ldm-vae")),
+            "demo",
+            "-o",
+            str(demo_out),
+            "--pipeline",
+            str(dest),
+            "--dtype",
+            "fp32",
+        )
         demo = json.loads((demo_out / "metrics.json").read_text())
-        commands.append("python scripts/build_demo_weights.py --stages ship  # copy here, demo, this card")
+        # The card shows the steps the runs were trained for, also when this invocation only ships.
+        steps = [
+            json.loads((r / "train_config.json").read_text())["train"]["max_steps"]
+            for r in (vae_run, ldm_run)
+        ]
+        made = [
+            *commands(*steps),
+            "python scripts/build_demo_weights.py --stages ship  # copy here, demo, this card",
+        ]
         (dest / "history.json").write_text(json.dumps({"vae_rounds": rounds}, indent=2) + "\n")
-        (dest / "README.md").write_text(card(vae_run, latents, ldm_run, dest, demo, rounds, commands))
+        (dest / "README.md").write_text(card(vae_run, latents, ldm_run, dest, demo, rounds, made))
         levels = len(json.loads((dest / "vqvae/config.json").read_text())["block_out_channels"])
         pictures(demo_out, args.docs, 2 ** (levels - 1))
         print(
