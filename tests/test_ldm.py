@@ -3,11 +3,9 @@ variational bound in bits/dim, and the exported diffusers LDMPipeline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _scripts import import_script
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors import safe_open
@@ -45,15 +44,7 @@ TINY_UNET = UNetConfig(
 ENTROPY_N01 = 0.5 * math.log2(2 * math.pi * math.e)  # differential entropy of N(0, 1), bits
 
 
-def _import_script():
-    spec = importlib.util.spec_from_file_location("train_ldm", ROOT / "scripts" / "train_ldm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_ldm"] = module  # dataclass annotations are resolved through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-tl = _import_script()
+tl = import_script("train_ldm")
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,12 @@
 """The shipped demo weights (weights/demo): they load in ldm_vae and in diffusers, agree, and do their job."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import diffusers
 import pytest
 import torch
+from _scripts import import_script
 from PIL import Image
 
 from ldm_vae import AutoencoderKL
@@ -16,7 +15,6 @@ from ldm_vae.demo import bundled_photos
 from ldm_vae.ldm import load_pipeline
 from ldm_vae.pretrained import WEIGHTS_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = WEIGHTS_DIR / "demo"
 CARD = (DEMO / "README.md").read_text()
 
@@ -71,11 +69,7 @@ def test_card_lists_every_round_of_the_history_once():
 
 
 def test_shipping_a_round_again_replaces_it_rather_than_adding_one():
-    spec = importlib.util.spec_from_file_location(
-        "build_demo_weights", ROOT / "scripts/build_demo_weights.py"
-    )
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = import_script("build_demo_weights")
     one, two = ({"date": "2026-11-23", "init": "sd", "steps": s, "hours": 1.0} for s in (1500, 1300))
     assert build.add_round([one], two) == [one, two]
     assert build.add_round([one, two], {**two, "date": "2026-11-30"}) == [one, {**two, "date": "2026-11-30"}]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _scripts import import_script
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
@@ -31,15 +31,7 @@ SCRIPT = ROOT / "scripts" / "train_vae.py"
 TINY = ROOT / "scripts" / "configs" / "tiny_cpu.toml"
 
 
-def _import_script():
-    spec = importlib.util.spec_from_file_location("train_vae", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_vae"] = module  # dataclass annotations are resolved through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-tv = _import_script()
+tv = import_script("train_vae")
 
 
 @pytest.fixture(scope="module")
