@@ -96,3 +96,27 @@ def test_grad_mode_is_restored_and_hooks_removed():
     vae.decode(torch.randn(1, 4, 12, 12), tile_size=8)
     assert all(getattr(m, "stats_hook", None) is None for m in vae.modules())
     assert torch.is_grad_enabled()
+
+
+def test_heap_is_trimmed_only_past_the_slack(monkeypatch):
+    rss = [1000]
+    calls = []
+
+    def fake_trim(pad):
+        calls.append(pad)
+        rss[0] = 1100  # freed pages go back; the live set stays
+
+    monkeypatch.setattr(tiling, "_MALLOC_TRIM", fake_trim)
+    monkeypatch.setattr(tiling, "_resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(tiling, "HEAP_SLACK", 500)
+    trim = tiling._HeapTrimmer()
+    for value, trimmed in [(1400, 0), (1500, 0), (1501, 1), (1200, 1), (1600, 1), (1601, 2)]:
+        rss[0] = value
+        trim()
+        assert len(calls) == trimmed, value
+    # A freed store lowers the floor, so retention is measured from there.
+    rss[0] = 300
+    trim()
+    rss[0] = 801
+    trim()
+    assert len(calls) == 3
