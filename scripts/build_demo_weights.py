@@ -274,10 +274,11 @@ def main() -> None:
         ]
 
     train = commands(args.vae_steps, args.ldm_steps)
+    cli = str(Path(py).with_name("ldm-vae"))  # the console script of the same venv
     if "vae" in args.stages:
         run(*train[0].replace("python", py, 1).split())
     if "latents" in args.stages:
-        run(str(Path(py).with_name("ldm-vae")), *train[1].split()[1:])
+        run(cli, *train[1].split()[1:])
     if "ldm" in args.stages:
         run(*train[2].replace("python", py, 1).split())
     if "ship" in args.stages:
@@ -293,16 +294,7 @@ def main() -> None:
         tmp.rename(dest)
         demo_out = runs / "demo-output"
         # fp32: the card's scores then do not depend on the CPU ("auto" is bf16 only where it is native).
-        run(
-            str(Path(py).with_name("ldm-vae")),
-            "demo",
-            "-o",
-            str(demo_out),
-            "--pipeline",
-            str(dest),
-            "--dtype",
-            "fp32",
-        )
+        run(cli, "demo", "-o", str(demo_out), "--pipeline", str(dest), "--dtype", "fp32")
         demo = json.loads((demo_out / "metrics.json").read_text())
         # The card shows the steps the runs were trained for, also when this invocation only ships.
         steps = [
