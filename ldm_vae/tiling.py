@@ -40,6 +40,7 @@ def _find_malloc_trim():
 
 
 _MALLOC_TRIM = _find_malloc_trim()
+_PAGE = 4096 if not hasattr(os, "sysconf") else os.sysconf("SC_PAGE_SIZE")
 
 
 def _resident_bytes() -> int | None:
@@ -51,7 +52,6 @@ def _resident_bytes() -> int | None:
         return None
 
 
-_PAGE = 4096 if not hasattr(os, "sysconf") else os.sysconf("SC_PAGE_SIZE")
 HEAP_SLACK = 256 * 1024**2  # resident growth past the run's low point after which freed heap pages go back
 
 
