@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step speed of scripts/train_vae.py in fp32 and under bf16 autocast, on this machine.
 
-Runs the real training loop (``train_vae.main``) for a few steps per precision on a small KL model and reads the
+Runs the real training loop (``ldm_vae.training.train_vae.main``) for a few steps per precision on a small KL model and reads the
 per-step compute time it logs (forward, losses with the adaptive GAN weight, discriminator step, backward, AdamW,
 EMA; data loading excluded), then prints the median after warm-up. The precisions alternate over ``--rounds``
 so that a change in the machine's load (it may be shared) hits both alike:
@@ -12,9 +12,7 @@ so that a change in the machine's load (it may be shared) hits both alike:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,17 +23,10 @@ from PIL import Image
 
 from ldm_vae.runtime import native_bf16
 from ldm_vae.training import load_config, read_metrics
+from ldm_vae.training import train_vae as tv
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = Path("/work/shared/data/photos")
-
-
-def _train_vae():
-    spec = importlib.util.spec_from_file_location("train_vae", HERE / "train_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_vae"] = module  # the config dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 def synthetic_photos(folder: Path, count: int, size: int) -> Path:
@@ -89,7 +80,6 @@ def main() -> None:
     parser.add_argument("--channels", default="32,64,128,128")
     args = parser.parse_args()
 
-    tv = _train_vae()
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data_dir or synthetic_photos(Path(tmp) / "photos", 32, args.resolution + 32)
         times: dict[str, list[float]] = {"no": [], "bf16": []}

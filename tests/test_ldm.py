@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _scripts import import_script
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors import safe_open
@@ -36,15 +35,13 @@ from ldm_vae.ldm import (
     vlb_bits_per_dim,
 )
 from ldm_vae.training import load_config, read_metrics
+from ldm_vae.training import train_ldm as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = UNetConfig(
     block_out_channels=(8, 16), attention_levels=(1,), attention_head_dim=8, norm_num_groups=4
 )
 ENTROPY_N01 = 0.5 * math.log2(2 * math.pi * math.e)  # differential entropy of N(0, 1), bits
-
-
-tl = import_script("train_ldm")
 
 
 @pytest.fixture(autouse=True)
@@ -370,7 +367,9 @@ def test_trainer_errors_are_one_line(latent_cache, tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1
         return err
 
-    assert "4 training latents: fewer than one batch per process (16)" in error()
+    too_few = error()
+    assert "20 latents found in" in too_few and "16 held out for validation: 4 left for training" in too_few
+    assert "fewer than one batch per process (16) x 1 process(es) = 16 needed" in too_few
     assert "attention level 5 does not exist" in error(
         "--data.batch_size", "4", "--model.attention_levels", "5"
     )

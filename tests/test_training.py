@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _scripts import import_script
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,13 +24,11 @@ from ldm_vae import CheckpointError
 from ldm_vae.losses import AutoencoderLoss, MissingWeightsError
 from ldm_vae.training import checkpointing as checkpointing_module
 from ldm_vae.training import load_config, read_metrics, to_dict
+from ldm_vae.training import train_vae as tv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_vae.py"
 TINY = ROOT / "scripts" / "configs" / "tiny_cpu.toml"
-
-
-tv = import_script("train_vae")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,255 @@
+"""Train a KL or VQ autoencoder from scratch, or fine-tune one (e.g. Stable Diffusion's VAE), with Accelerate.
+
+    accelerate launch scripts/train_vae.py --config scripts/configs/sd_ft_mse.toml --data-dir photos/ \\
+        --output-dir runs/ft --max-steps 20000 [--resume latest] [--optim.lr 5e-5 ...]
+
+(or ``python -m ldm_vae.training.train_vae ...``). The objective is Latent Diffusion's (Rombach et al., 2022,
+App. G) and taming's (Esser et al., 2021, Sec. 3.1): reconstruction (+ LPIPS) + the bottleneck's regularizer
+(KL or codebook) + an adaptively weighted PatchGAN loss from ``loss.disc_start`` on (:mod:`ldm_vae.losses`).
+The loop, checkpoints and launch handling are the shared runner's (:mod:`ldm_vae.training.runner`); this module
+is the objective: its configs, networks, one loss step, validation and export. ``main(cfg)`` is importable.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
+
+from ..autoencoders import AUTOENCODERS
+from ..checkpoint import CheckpointError
+from ..images import ImageError
+from ..interface import Autoencoder
+from ..losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
+from ..metrics import psnr, ssim
+from .config import ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
+from .data import EpochSampler, ImageFolderDataset, list_images, load_validation_images, validation_files
+from .ema import ModelEMA
+from .loop import NonFiniteLossError
+from .optim import build_optimizer, build_scheduler, learning_rates
+from .runner import StepOutput, check_enough_data, run_training
+
+ALIASES = {
+    "--data-dir": "data.train_dir",
+    "--output-dir": "train.output_dir",
+    "--max-steps": "train.max_steps",
+    "--resume": "train.resume",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["kl", "vq"] = "kl"  # AutoencoderKL or VQAutoencoder
+    init: str = "tiny"  # preset name (random init) or a diffusers folder / LDM-SD file (fine-tuning)
+    overrides: dict[str, Any] = field(default_factory=dict)  # model config fields on top of `init`
+    decoder_only: bool = False  # freeze encoder + quant_conv (+ VQ codebook): the latent space stays put
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def build_autoencoder(cfg: ModelConfig, gradient_checkpointing: bool) -> Autoencoder:
+    """The autoencoder to train, in train mode, with frozen parts for ``decoder_only``."""
+    try:
+        model = AUTOENCODERS[cfg.kind].from_pretrained(cfg.init, **cfg.overrides)
+    except TypeError as e:  # dataclasses.replace() on an unknown field
+        raise ConfigError(f"model.overrides: {e}") from None
+    model.train()
+    if cfg.decoder_only:
+        for part in model.encoder_side():
+            # eval() too: an EMA codebook would otherwise keep updating its buffers in the forward pass.
+            part.requires_grad_(False).eval()
+    model.encoder.gradient_checkpointing = model.decoder.gradient_checkpointing = gradient_checkpointing
+    return model
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, ema: ModelEMA | None, images: Tensor, batch: int, perceptual: nn.Module | None = None
+) -> tuple[dict, Tensor]:
+    """PSNR/SSIM (and LPIPS when its weights are loaded) of the raw (and EMA) weights on fixed images, and a
+    grid: inputs / raw / EMA rows."""
+    modes = [(m, m.training) for m in model.modules()]  # restored after: frozen parts stay in eval mode
+    model.eval()
+    variants = {"": nullcontext(model)}
+    if ema is not None:
+        variants["_ema"] = ema.applied(model)
+    metrics, rows = {}, [images]
+    for suffix, ctx in variants.items():
+        with ctx:
+            recon = torch.cat([model(x, sample_posterior=False)[0] for x in images.split(batch)]).clamp(-1, 1)
+        metrics[f"val/psnr{suffix}"] = psnr(recon, images).mean().item()
+        metrics[f"val/ssim{suffix}"] = ssim(recon, images).mean().item()
+        if perceptual is not None:
+            metrics[f"val/lpips{suffix}"] = perceptual(recon.float(), images.float()).mean().item()
+        rows.append(recon)
+    for m, training in modes:
+        m.training = training
+    return metrics, make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=2, pad_value=1.0)
+
+
+def load_images(cfg: DataConfig, world: int) -> tuple[ImageFolderDataset, list[Path]]:
+    """(training set, validation files), with one-line errors for a folder too small for the split or batch."""
+    if not cfg.train_dir:
+        raise ConfigError("no training images: set data.train_dir or pass --data-dir")
+    files = list_images(cfg.train_dir)
+    held = 0 if cfg.val_files or cfg.val_dir else cfg.num_val  # held out of train_dir itself
+    check_enough_data(len(files), held, cfg.batch_size, world, "images", cfg.train_dir)
+    train_files, val_files = validation_files(files, cfg.val_files, cfg.val_dir, cfg.num_val)
+    dataset = ImageFolderDataset(train_files, cfg.resolution, cfg.flip)
+    check_enough_data(len(dataset) + held, held, cfg.batch_size, world, "readable images", cfg.train_dir)
+    return dataset, val_files
+
+
+# ------------------------------------------------------------------------------------------- objective
+
+
+class VAEObjective:
+    """Autoencoder + discriminator, trained with :class:`~ldm_vae.losses.AutoencoderLoss`."""
+
+    name, export_name, grid_name, progress_key, unit = (
+        "train_vae",
+        "vae",
+        "val/reconstructions",
+        "total",
+        "images",
+    )
+
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.cfg, device, world = cfg, accelerator.device, accelerator.num_processes
+        set_seed(cfg.train.seed)  # identical initial weights on every process
+        # The loss first: missing LPIPS weights must fail before any data is read.
+        self.loss_fn = AutoencoderLoss(cfg.loss).to(device)
+        self.autoencoder = build_autoencoder(cfg.model, cfg.train.gradient_checkpointing)
+        self.disc = build_discriminator(cfg.loss)
+        self.use_gan = cfg.loss.disc_weight > 0 and cfg.loss.disc_factor > 0
+        if self.use_gan and cfg.data.resolution < self.disc.min_size:
+            raise ConfigError(
+                f"data.resolution {cfg.data.resolution} is below the discriminator's {self.disc.min_size} px"
+            )
+        dataset, val_files = load_images(cfg.data, world)
+        if dataset.skipped:
+            path, reason = dataset.skipped[0]
+            accelerator.print(
+                f"skipped {len(dataset.skipped)} unreadable image files (e.g. {path}: {reason})"
+            )
+        self.val_images = load_validation_images(val_files, cfg.data.resolution).to(device)
+        self.batch_size = cfg.data.batch_size
+        self.loader = DataLoader(
+            dataset,
+            batch_size=cfg.data.batch_size,
+            sampler=EpochSampler(len(dataset), cfg.train.seed),
+            num_workers=cfg.data.num_workers,
+            drop_last=True,
+            # Its own generator: creating a DataLoader iterator must not consume the global RNG (exact resumes).
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )
+        lr_ae, lr_d = learning_rates(cfg.optim, cfg.data.batch_size, cfg.train.grad_accum, world)
+        # The learned log-variance is the loss's, outside the model: it is in the autoencoder's optimizer.
+        ae_params = [
+            p for p in self.autoencoder.parameters() if p.requires_grad
+        ] + self.loss_fn.trainable_parameters()
+        self.opt_ae = build_optimizer(ae_params, cfg.optim, lr_ae)
+        self.opt_d = build_optimizer(self.disc.parameters(), cfg.optim, lr_d)
+        self.schedulers = [
+            build_scheduler(o, cfg.optim, cfg.train.max_steps) for o in (self.opt_ae, self.opt_d)
+        ]
+
+    def prepare(self, accelerator: Accelerator) -> list[nn.Module]:
+        self.accelerator = accelerator
+        model, disc, self.opt_ae, self.opt_d, *self.schedulers, self.loader = accelerator.prepare(
+            self.autoencoder, self.disc, self.opt_ae, self.opt_d, *self.schedulers, self.loader
+        )
+        self.optimizers = [self.opt_ae, self.opt_d]
+        self.wrapped, self.wrapped_disc = model, disc
+        self.model, self.disc = accelerator.unwrap_model(model), accelerator.unwrap_model(disc)
+        return [model, disc]
+
+    def gan_on(self, step: int) -> bool:
+        return self.use_gan and self.loss_fn.disc_factor_at(step) > 0
+
+    def loss(self, x: Tensor, generator: torch.Generator, step: int) -> StepOutput:
+        """Generator loss through the (DDP-)wrapped model, then the discriminator's loss on detached inputs."""
+        gan_on = self.gan_on(step)
+        recon, reg = self.wrapped(x, sample_posterior=True, generator=generator)  # a posterior sample
+        with self.accelerator.autocast():
+            # The discriminator is called unwrapped with requires_grad off: gradients reach the reconstruction
+            # but never its weights, so its accumulated gradients stay its own and no all-reduce is wasted on
+            # them. (Toggling requires_grad on the DDP-wrapped module would break DDP's reducer.)
+            self.disc.requires_grad_(False)
+            logits_fake = self.disc(recon) if gan_on else None
+            g_loss, logs = self.loss_fn.generator_loss(
+                x, recon, reg, logits_fake, self.model.last_layer, step
+            )
+            self.disc.requires_grad_(True)
+            d_loss = None
+            if gan_on:  # nothing reaches the autoencoder from here
+                logits_real, logits_fake = self.wrapped_disc(x.detach()), self.wrapped_disc(recon.detach())
+                d_loss, d_logs = self.loss_fn.discriminator_loss(logits_real, logits_fake, step)
+                logs.update(d_logs)
+        return StepOutput((g_loss, d_loss), logs)
+
+    def apply_gradients(self, step: int) -> None:
+        # The log-variance lives outside DDP: average its gradient or the ranks diverge.
+        for p in self.loss_fn.trainable_parameters():
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, "mean")
+        self.opt_ae.step()
+        if self.gan_on(step):
+            self.opt_d.step()
+
+    def validate(self, ema: ModelEMA | None) -> tuple[dict, Tensor] | None:
+        if not len(self.val_images):
+            return None
+        perceptual = self.loss_fn.perceptual
+        return validate(self.model, ema, self.val_images, self.cfg.data.batch_size, perceptual=perceptual)
+
+    def export(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)  # autoencoder only: no discriminator, no LPIPS
+
+    def state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        state = self.loss_fn.state_dict()  # the learned log-variance, when there is one
+        return {"loss": state} if state else {}
+
+    def load_state_tensors(self, tensors: dict[str, dict[str, Tensor]]) -> None:
+        if "loss" in tensors:
+            self.loss_fn.load_state_dict(tensors["loss"])
+
+    def digest_modules(self) -> dict[str, nn.Module]:
+        return {"ae": self.model, "disc": self.disc, "loss": self.loss_fn}
+
+
+def main(cfg: Config) -> Path:
+    """Trains as ``cfg`` says; returns the exported diffusers folder ``<output_dir>/vae``."""
+    return run_training(cfg, lambda accelerator: VAEObjective(cfg, accelerator))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        main(parse_command_line(Config, argv, ALIASES, prog="train_vae.py"))
+    except (ConfigError, CheckpointError, ImageError, MissingWeightsError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

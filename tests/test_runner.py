@@ -1,0 +1,158 @@
+"""The training runner's launch safety: world-size checks, the run-folder lock, too-small data sets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from ldm_vae.training import ConfigError, load_config
+from ldm_vae.training import train_vae as tv
+from ldm_vae.training.runner import check_enough_data, check_world, run_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "scripts" / "configs" / "tiny_cpu.toml"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("runner_photos")
+    for i, image in enumerate([skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()] * 2):
+        Image.fromarray(image).resize((40 + i, 36 + i), Image.BICUBIC).save(folder / f"p{i}.png")
+    return folder
+
+
+def config(photos: Path, out: Path, *overrides: tuple[str, str]):
+    base = [
+        ("data.train_dir", str(photos)),
+        ("train.output_dir", str(out)),
+        ("data.resolution", "16"),
+        ("data.batch_size", "2"),
+        ("data.num_workers", "0"),
+        ("data.num_val", "2"),
+        ("loss.disc_channels", "8"),
+        ("train.tensorboard", "false"),
+        ("train.val_every", "0"),
+        ("train.max_steps", "2"),
+    ]
+    return load_config(tv.Config, TINY, [*base, *overrides])
+
+
+def test_world_mismatch_is_one_line():
+    check_world(2, 2)
+    with pytest.raises(
+        ConfigError,
+        match=r"^the launcher started 2 processes but each sees a world of 1: .*ACCELERATE_USE_CPU=1",
+    ):
+        check_world(2, 1)
+
+
+def test_too_small_data_names_found_held_out_and_needed(photos, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        check_enough_data(10, 8, 4, 2, "images", "photos/")
+    assert str(info.value) == (
+        "10 images found in photos/, 8 held out for validation: 2 left for training, fewer than one batch "
+        "per process (4) x 2 process(es) = 8 needed"
+    )
+    # Through the trainer: 6 photos, 2 held out, batches of 4 need 4.
+    with pytest.raises(ConfigError, match=r"6 images found in .*2 held out for validation: 4 left"):
+        tv.main(config(photos, tmp_path / "run", ("data.batch_size", "5")))
+    # More held out than there are images: the same line, before the split fails.
+    with pytest.raises(ConfigError, match=r"6 images found in .*, 6 held out for validation: 0 left"):
+        tv.main(config(photos, tmp_path / "run", ("data.num_val", "6")))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_second_run_on_a_held_folder_is_refused(photos, tmp_path):
+    run = tmp_path / "run"
+    with run_lock(Accelerator(), run):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(
+            ConfigError,
+            match=rf"^{re.escape(str(run))} is in use by another training run \(pid {os.getpid()}\)",
+        ):
+            tv.main(config(photos, run))
+    assert not list(run.glob("checkpoint-*"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    tv.main(config(photos, run))  # released: the next run goes ahead
+    assert (run / "checkpoint-0000002").is_dir()
+
+
+def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    run = tmp_path / "run"
+    code = (
+        "import sys, time; from pathlib import Path; from accelerate import Accelerator\n"
+        "from ldm_vae.training.runner import run_lock\n"
+        "with run_lock(Accelerator(), Path(sys.argv[1])):\n"
+        "    print('locked', flush=True); time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with (
+            pytest.raises(ConfigError, match=rf"in use by another training run \(pid {proc.pid}\)"),
+            run_lock(Accelerator(), run),
+        ):
+            pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with run_lock(Accelerator(), run):  # the kernel dropped the dead process's lock
+        pass
+
+
+def test_multi_process_launch_without_gpu_runs_as_cpu_ranks(photos, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` without ACCELERATE_USE_CPU on a machine without GPUs used
+    to start two independent single-process runs on one folder; now they join as two gloo ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = {
+        "data.train_dir": photos,
+        "train.output_dir": tmp_path / "run",
+        "data.resolution": 16,
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.num_val": 0,
+        "loss.disc_channels": 8,
+        "loss.disc_start": 1,
+        "train.tensorboard": "false",
+        "train.val_every": 0,
+        "train.max_steps": 2,
+    }
+    args = ["--config", str(TINY), *(f"--{k}={v}" for k, v in settings.items())]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    out = subprocess.run(
+        [*launcher, "--main_process_port", str(port), str(ROOT / "scripts" / "train_vae.py"), *args],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("world_size=2 distributed_type=MULTI_CPU") == 1
+    digests = dict(re.findall(r"\[rank (\d)/2\] weights sha256 (.*)", out.stdout))
+    assert sorted(digests) == ["0", "1"] and digests["0"] == digests["1"], out.stdout
