@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, write_json, write_safetensors
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from .images import (
     collect_images,
     crop_to,
@@ -33,6 +33,7 @@ from .images import (
     quantize,
     save_image,
 )
+from .io import write_json, write_safetensors
 from .metrics import bicubic_baseline, psnr, ssim
 from .runtime import DTYPE_NAMES, DTYPES
 

@@ -18,7 +18,7 @@ from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .checkpoint import atomic_path
+from .io import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Modes whose samples are 16-bit integers. PIL's own convert("L"/"RGB") clips them at 255 instead of scaling.

@@ -39,8 +39,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import CheckpointError, read_state_dict, write_json, write_safetensors
+from .checkpoint import CheckpointError, read_state_dict
 from .images import load_image
+from .io import write_json, write_safetensors
 from .training.data import center_crop, mix_seed, resize_short_side
 
 MANIFEST_NAME = "latents.json"

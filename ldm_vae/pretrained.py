@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
+from .io import write_json, write_safetensors
 from .runtime import memory_format_for, resolve_dtype
 
 # Shipped weights: <repo>/weights/ (editable install) or $LDM_VAE_WEIGHTS. weights/demo is the demo's
@@ -154,8 +155,8 @@ class PretrainedMixin:
         """Writes the diffusers layout (``config.json`` + safetensors) that ``diffusers.*.from_pretrained`` reads."""
         folder = Path(folder)
         state_dict = self._export_state_dict(dtype)
-        ckpt.write_safetensors(state_dict, folder / ckpt.WEIGHTS_NAME)
-        ckpt.write_json(self.config.to_diffusers(), folder / ckpt.CONFIG_NAME)  # type: ignore[attr-defined]
+        write_safetensors(state_dict, folder / ckpt.WEIGHTS_NAME)
+        write_json(self.config.to_diffusers(), folder / ckpt.CONFIG_NAME)  # type: ignore[attr-defined]
         return folder
 
     def save_single_file(
@@ -167,7 +168,7 @@ class PretrainedMixin:
             raise ValueError(f"{path}: single files are written as .safetensors only")
         levels = len(self.config.block_out_channels)  # type: ignore[attr-defined]
         ldm = ckpt.to_ldm(self._export_state_dict(dtype), levels)
-        ckpt.write_safetensors({prefix + k: v for k, v in ldm.items()}, path)
+        write_safetensors({prefix + k: v for k, v in ldm.items()}, path)
         return path
 
     def _export_state_dict(self, dtype: str | torch.dtype | None) -> dict[str, Tensor]:
