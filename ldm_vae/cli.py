@@ -30,7 +30,7 @@ from .images import (
     load_image,
     pad_to_multiple,
     padded_size,
-    quantize,
+    round_to_8bit,
     save_image,
 )
 from .io import write_json, write_safetensors
@@ -310,8 +310,8 @@ def reconstruct_images(
             for i, xi, ri in zip(batch, x, recon, strict=True):
                 original = crop_to(xi, sizes[i])
                 # Scored as written to disk (8-bit), like the bicubic baseline.
-                ri = quantize(crop_to(ri, sizes[i]))
-                base = quantize(bicubic_baseline(original, f))
+                ri = round_to_8bit(crop_to(ri, sizes[i]))
+                base = round_to_8bit(bicubic_baseline(original, f))
                 save_image(ri, outputs[i])
                 rows[i] = {
                     "source": str(paths[i]),

@@ -192,7 +192,7 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return rearrange(v, "c h w -> h w c").numpy()
 
 
-def quantize(x: Tensor) -> Tensor:
+def round_to_8bit(x: Tensor) -> Tensor:
     """What saving as 8-bit and loading again gives: ``x`` snapped to the 256 levels, in [-1, 1]."""
     return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0
 
