@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .autoencoder_kl import check_input
+from .checks import check_input
 from .config import VQConfig
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
