@@ -157,3 +157,17 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=1.0, sample_size=32
     ),
 }
+
+VQ_PRESETS: dict[str, VQConfig] = {
+    # VQ-f8 of Latent Diffusion (vq-f8: 16384 codes of dim 4).
+    "vq-f8": VQConfig(),
+    # For tests: two levels (f=2), 32 codes.
+    "tiny": VQConfig(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_vq_embeddings=32,
+        latent_channels=4,
+        sample_size=32,
+    ),
+}
