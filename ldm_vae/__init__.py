@@ -2,7 +2,7 @@
 
 from .autoencoder_kl import AutoencoderKL
 from .checkpoint import CheckpointError
-from .config import PRESETS, VQ_PRESETS, AutoencoderKLConfig, VQConfig
+from .config import PRESETS, VQ_PRESETS, AutoencoderKLConfig, ConfigKeyError, VQConfig
 from .distributions import DiagonalGaussian
 from .vq import VQAutoencoder, VQInfo
 
@@ -12,6 +12,7 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "CheckpointError",
+    "ConfigKeyError",
     "DiagonalGaussian",
     "VQAutoencoder",
     "VQConfig",

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from ldm_vae import AutoencoderKL, CheckpointError, VQAutoencoder
+from ldm_vae import AutoencoderKL, CheckpointError, ConfigKeyError, VQAutoencoder
 from ldm_vae.images import ImageError, save_image
 from ldm_vae.losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
 from ldm_vae.metrics import psnr, ssim
@@ -96,7 +96,7 @@ def build_autoencoder(cfg: ModelConfig, gradient_checkpointing: bool) -> nn.Modu
     cls = AutoencoderKL if cfg.kind == "kl" else VQAutoencoder
     try:
         model = cls.from_pretrained(cfg.init, **cfg.overrides)
-    except TypeError as e:  # dataclasses.replace() on an unknown field
+    except ConfigKeyError as e:  # an override that is no field of the model's config
         raise ConfigError(f"model.overrides: {e}") from None
     model.train()
     if cfg.decoder_only:
