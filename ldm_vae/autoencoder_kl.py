@@ -72,6 +72,18 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
             out = self._decode(z, tile_size, max_memory)
         return out
 
+    def encode_latents(
+        self,
+        x: Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        tile_size: int | None = None,
+        max_memory: int | None = None,
+    ) -> Tensor:
+        """Images -> raw latents (B, latent_channels, H/f, W/f): a posterior sample, or its mode."""
+        posterior = self.encode(x, tile_size, max_memory)
+        return posterior.sample(generator) if sample else posterior.mode()
+
     def _decode(self, z: Tensor, tile_size: int | None, max_memory: int | None) -> Tensor:
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
@@ -84,6 +96,18 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+    def encoder_side(self) -> list[nn.Module]:
+        """Encoder and quant_conv: what decoder-only fine-tuning freezes."""
+        return [m for m in (self.encoder, self.quant_conv) if m is not None]
+
+    @property
+    def decode_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.decoder.conv_out.weight
 
     # ------------------------------------------------------------------------------------- latents
 

@@ -5,12 +5,21 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 from torch import Tensor
 
 
 class DiagonalGaussian:
-    """N(mean, exp(logvar)) per latent element, from the encoder's (B, 2C, h, w) moments."""
+    """N(mean, exp(logvar)) per latent element, from the encoder's (B, 2C, h, w) moments.
+
+    It is the KL model's :class:`~ldm_vae.interface.Regularization`: LDM's recipe weights ``kl()`` and sums the
+    reconstruction term over pixels.
+    """
+
+    name: ClassVar[str] = "kl"
+    pixel_reduction: ClassVar[Literal["sum", "mean"]] = "sum"
 
     def __init__(self, moments: Tensor) -> None:
         self.mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
@@ -43,3 +52,10 @@ class DiagonalGaussian:
         """-log q(sample) per batch element, shape (B,)."""
         log_2pi = 1.8378770664093453
         return 0.5 * torch.sum(log_2pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=(1, 2, 3))
+
+    def regularization_loss(self) -> Tensor:
+        """KL summed over C, H, W and averaged over the batch, as LDM's loss takes it."""
+        return self.kl().sum() / self.mean.shape[0]
+
+    def logs(self) -> dict[str, Tensor]:
+        return {"kl": self.regularization_loss().detach().float()}

@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lpips
 import torch
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, read_state_dict
-from .distributions import DiagonalGaussian
+from .interface import Regularization
 
 # torchvision's ImageNet weights for each LPIPS backbone (file name from the official URL).
 _BACKBONES = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights"}
@@ -73,6 +73,13 @@ class LossConfig:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_num_layers < 1 or self.disc_channels < 1:
             raise ValueError("LossConfig.disc_num_layers and disc_channels must be >= 1")
+
+    def regularizer_weight(self, name: str) -> float:
+        """The weight of a regularizer's loss term, by its name (``kl`` or ``codebook``)."""
+        weights = {"kl": self.kl_weight, "codebook": self.codebook_weight}
+        if name not in weights:
+            raise ValueError(f"no weight for a {name!r} regularizer (known: {', '.join(weights)})")
+        return weights[name]
 
 
 # ------------------------------------------------------------------------------------- discriminator
@@ -231,30 +238,31 @@ def build_lpips(net: str = "vgg", random_backbone: bool = False) -> PerceptualLo
 
 
 class AutoencoderLoss(nn.Module):
-    """Reconstruction + regularization + adaptive GAN loss of a KL (LDM) or VQ (taming) autoencoder.
+    """Reconstruction + regularization + adaptive GAN loss of any autoencoder of the package.
 
-    Holds the frozen LPIPS and the optional learned log-variance, not the discriminator: the trainer owns the
+    The bottleneck's report (:class:`~ldm_vae.interface.Regularization`: the KL posterior of LDM's models, the
+    quantizer info of taming's) brings its own loss term, its reduction of the reconstruction term and its logs;
+    this class only weights it (``kl_weight`` or ``codebook_weight`` by the regularizer's name). It holds the
+    frozen LPIPS and the optional learned log-variance, not the discriminator: the trainer owns the
     discriminator and passes its logits in.
 
     Args:
         config: loss hyper-parameters.
-        kind: "kl" (``reg`` is a ``DiagonalGaussian``) or "vq" (``reg`` has a scalar ``.loss``).
         random_lpips_backbone: build LPIPS with a random backbone (tests and smoke runs without weights).
+        perceptual: a perceptual distance ``(x, y) -> (B, 1, 1, 1)`` to use instead of LPIPS (e.g. a stub in
+            tests); only used when ``perceptual_weight > 0``.
     """
 
     def __init__(
-        self, config: LossConfig, kind: Literal["kl", "vq"] = "kl", random_lpips_backbone: bool = False
+        self, config: LossConfig, random_lpips_backbone: bool = False, perceptual: nn.Module | None = None
     ) -> None:
         super().__init__()
-        if kind not in ("kl", "vq"):
-            raise ValueError(f"kind must be 'kl' or 'vq', got {kind!r}")
         self.config = config
-        self.kind = kind
-        self.perceptual = (
-            build_lpips(config.lpips_net, random_backbone=random_lpips_backbone)
-            if config.perceptual_weight > 0
-            else None
-        )
+        if config.perceptual_weight <= 0:
+            perceptual = None
+        elif perceptual is None:
+            perceptual = build_lpips(config.lpips_net, random_backbone=random_lpips_backbone)
+        self.perceptual = perceptual
         logvar = torch.tensor(float(config.logvar_init))
         if config.learn_logvar:
             self.logvar = nn.Parameter(logvar)
@@ -296,7 +304,7 @@ class AutoencoderLoss(nn.Module):
         self,
         x: Tensor,
         recon: Tensor,
-        reg: DiagonalGaussian | Any,
+        reg: Regularization,
         logits_fake: Tensor | None,
         last_layer: Tensor | None,
         step: int,
@@ -306,14 +314,15 @@ class AutoencoderLoss(nn.Module):
         Args:
             x: input images (B, 3, H, W) in [-1, 1].
             recon: reconstructions of ``x``, same shape.
-            reg: the posterior (kind "kl") or the quantizer's info with a scalar ``.loss`` (kind "vq").
+            reg: the bottleneck's report (the KL posterior or the VQ quantizer's info).
             logits_fake: discriminator logits on ``recon`` (graph kept), or None to skip the GAN term.
             last_layer: the decoder's last conv weight, for the adaptive weight.
             step: global training step.
 
         Returns:
             The scalar loss, and detached scalar tensors under total, nll, rec (mean pixel term), perceptual
-            (mean LPIPS), kl or codebook, g, d_weight, disc_factor, logvar.
+            (mean LPIPS), g, d_weight, disc_factor, logvar, and the regularizer's own logs (kl, or codebook,
+            code_usage and perplexity).
         """
         cfg = self.config
         if x.shape != recon.shape:
@@ -328,15 +337,9 @@ class AutoencoderLoss(nn.Module):
             perceptual = self.perceptual(x.contiguous(), recon.contiguous())  # (B, 1, 1, 1)
             rec = pixel + cfg.perceptual_weight * perceptual  # broadcast over pixels, as LDM/taming
         nll = rec / torch.exp(self.logvar) + self.logvar  # (B, C, H, W)
-        if self.kind == "kl":
-            # LDM: sum over C, H, W and mean over the batch, for both the nll and the KL.
-            nll = nll.sum() / nll.shape[0]
-            reg_name, reg_loss, reg_weight = "kl", reg.kl().sum() / x.shape[0], cfg.kl_weight
-        else:
-            # taming: mean over every element; the quantizer's loss is already a scalar.
-            nll = nll.mean()
-            reg_name, reg_loss, reg_weight = "codebook", reg.loss.mean(), cfg.codebook_weight
-        loss = nll + reg_weight * reg_loss
+        # LDM sums over C, H, W and averages over the batch, like its KL; taming averages over every element.
+        nll = nll.sum() / nll.shape[0] if reg.pixel_reduction == "sum" else nll.mean()
+        loss = nll + cfg.regularizer_weight(reg.name) * reg.regularization_loss()
 
         factor = self.disc_factor_at(step)
         g = torch.zeros((), device=x.device)
@@ -352,13 +355,12 @@ class AutoencoderLoss(nn.Module):
             "nll": nll,
             "rec": pixel.mean(),
             "perceptual": perceptual.mean(),
-            reg_name: reg_loss,
             "g": g,
             "d_weight": d_weight,
             "disc_factor": torch.tensor(factor, device=x.device),
             "logvar": self.logvar.clone(),  # a copy: the optimizer updates the parameter in place
         }
-        return loss, {k: v.detach().float() for k, v in logs.items()}
+        return loss, {**{k: v.detach().float() for k, v in logs.items()}, **reg.logs()}
 
     def discriminator_loss(self, logits_real: Tensor, logits_fake: Tensor, step: int) -> tuple[Tensor, dict]:
         """f(step) * GAN loss of the discriminator, from its logits on ``x.detach()`` and ``recon.detach()``."""

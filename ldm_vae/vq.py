@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,11 @@ from .tiling import run
 
 @dataclass
 class VQInfo:
-    """What the quantizer reports for one batch."""
+    """What the quantizer reports for one batch: the VQ model's :class:`~ldm_vae.interface.Regularization`
+    (taming's recipe weights ``loss`` and averages the reconstruction term over every element)."""
+
+    name: ClassVar[str] = "codebook"
+    pixel_reduction: ClassVar[Literal["sum", "mean"]] = "mean"
 
     indices: Tensor  # (B, h, w) long: code index per latent position
     loss: Tensor  # scalar: codebook + commitment terms, beta already applied
@@ -37,6 +41,17 @@ class VQInfo:
     commitment_loss: Tensor  # scalar: ||z - sg[e]||^2 (unweighted)
     usage: float  # fraction of the codebook used in this batch
     perplexity: float  # exp(entropy of code usage); = number of codes when used uniformly
+
+    def regularization_loss(self) -> Tensor:
+        return self.loss.mean()
+
+    def logs(self) -> dict[str, Tensor]:
+        loss = self.regularization_loss().detach().float()
+        return {
+            "codebook": loss,
+            "code_usage": loss.new_tensor(self.usage),
+            "perplexity": loss.new_tensor(self.perplexity),
+        }
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
@@ -195,16 +210,47 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         z = self.post_quant_conv(self._to_model(z_q))
         return run(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
+    def encode_latents(
+        self,
+        x: Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        tile_size: int | None = None,
+        max_memory: int | None = None,
+    ) -> Tensor:
+        """Images -> quantized latents (B, embed_dim, H/f, W/f), what ``decode`` takes: exactly the codebook
+        vectors of the nearest codes (``forward``'s straight-through sum z + (e - z) rounds them). Quantization
+        is deterministic: ``sample`` and ``generator`` are accepted for the common contract and change nothing."""
+        _, info = self.quantize(self.encode(x, tile_size, max_memory))
+        return self.quantize.lookup(info.indices)
+
     def decode_indices(
         self, indices: Tensor, tile_size: int | None = None, max_memory: int | None = None
     ) -> Tensor:
         """Code indices (B, h, w) -> images."""
         return self.decode(self.quantize.lookup(indices), tile_size, max_memory)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, VQInfo]:
-        """Reconstruction and quantizer info, as ``AutoencoderKL.forward`` returns (recon, posterior)."""
+    def forward(
+        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, VQInfo]:
+        """Reconstruction and quantizer info, as ``AutoencoderKL.forward`` returns (recon, posterior).
+
+        ``sample_posterior`` and ``generator`` are the common contract's; the quantizer ignores them.
+        """
         z_q, info = self.quantize(self.encode(x))
         return self.decode(z_q), info
+
+    def encoder_side(self) -> list[nn.Module]:
+        """Encoder, quant_conv and codebook: what decoder-only fine-tuning freezes."""
+        return [self.encoder, self.quant_conv, self.quantize]
+
+    @property
+    def decode_channels(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.decoder.conv_out.weight
 
     def scale_latents(self, z: Tensor) -> Tensor:
         return z * self.config.scaling_factor

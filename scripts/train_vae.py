@@ -108,11 +108,9 @@ def build_autoencoder(cfg: ModelConfig, gradient_checkpointing: bool) -> nn.Modu
     return model
 
 
-def reconstruct(model: nn.Module, x: Tensor, kind: str, generator: torch.Generator | None = None) -> tuple:
-    """(recon, posterior or VQInfo); training samples the KL posterior, evaluation takes its mean."""
-    if kind == "kl":
-        return model(x, sample_posterior=generator is not None, generator=generator)
-    return model(x)
+def reconstruct(model: nn.Module, x: Tensor, generator: torch.Generator | None = None) -> tuple:
+    """(recon, regularization); training samples the posterior, evaluation takes its mean."""
+    return model(x, sample_posterior=generator is not None, generator=generator)
 
 
 @torch.no_grad()
@@ -120,7 +118,6 @@ def validate(
     model: nn.Module,
     ema: ModelEMA | None,
     images: Tensor,
-    kind: str,
     batch: int,
     perceptual: nn.Module | None = None,
 ) -> tuple[dict, Tensor]:
@@ -134,7 +131,7 @@ def validate(
     metrics, rows = {}, [images]
     for suffix, ctx in variants.items():
         with ctx:
-            recon = torch.cat([reconstruct(model, x, kind)[0] for x in images.split(batch)]).clamp(-1, 1)
+            recon = torch.cat([reconstruct(model, x)[0] for x in images.split(batch)]).clamp(-1, 1)
         metrics[f"val/psnr{suffix}"] = psnr(recon, images).mean().item()
         metrics[f"val/ssim{suffix}"] = ssim(recon, images).mean().item()
         if perceptual is not None:
@@ -185,7 +182,7 @@ def main(cfg: Config) -> Path:
         )
 
     # The loss first: missing LPIPS weights must fail before any data is read.
-    loss_fn = AutoencoderLoss(cfg.loss, kind=cfg.model.kind).to(accelerator.device)
+    loss_fn = AutoencoderLoss(cfg.loss).to(accelerator.device)
     model = build_autoencoder(cfg.model, cfg.train.gradient_checkpointing)
     disc = build_discriminator(cfg.loss)
     use_gan = cfg.loss.disc_weight > 0 and cfg.loss.disc_factor > 0
@@ -261,9 +258,7 @@ def main(cfg: Config) -> Path:
 
     def run_validation() -> None:
         if accelerator.is_main_process and len(val_images):
-            values, grid = validate(
-                ae, ema, val_images, cfg.model.kind, cfg.data.batch_size, perceptual=loss_fn.perceptual
-            )
+            values, grid = validate(ae, ema, val_images, cfg.data.batch_size, perceptual=loss_fn.perceptual)
             save_image(grid, run_dir / "samples" / f"step-{run.step:07d}.png")
             metrics.log(values, run.step)
             metrics.log_image("val/reconstructions", grid, run.step)
@@ -299,7 +294,7 @@ def main(cfg: Config) -> Path:
                     # requires_grad off: gradients reach the reconstruction but never the discriminator's
                     # weights, so its accumulated gradients stay its own and no all-reduce is wasted on them.
                     # (Toggling requires_grad on the DDP-wrapped module would break DDP's reducer.)
-                    recon, reg = reconstruct(model, x, cfg.model.kind, noise)
+                    recon, reg = reconstruct(model, x, noise)
                     with accelerator.autocast():
                         disc_module.requires_grad_(False)
                         logits_fake = disc_module(recon) if gan_on else None
@@ -337,9 +332,6 @@ def main(cfg: Config) -> Path:
                 if ok:
                     for k, v in logs.items():
                         sums[k] += float(v)
-                    if cfg.model.kind == "vq":
-                        sums["code_usage"] += reg.usage
-                        sums["perplexity"] += reg.perplexity
                     count += 1
                 if not accelerator.sync_gradients:
                     continue

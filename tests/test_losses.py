@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import lpips
 import pytest
@@ -25,9 +24,16 @@ from ldm_vae.losses import (
     hinge_d_loss,
     vanilla_d_loss,
 )
+from ldm_vae.vq import VQInfo
 
 REAL = torch.tensor([2.0, 0.5, -1.0])
 FAKE = torch.tensor([-2.0, 0.0, 0.5])
+
+
+def vq_info(loss: torch.Tensor) -> VQInfo:
+    """A quantizer report with the given loss (indices and usage do not enter the loss)."""
+    zero = torch.zeros(())
+    return VQInfo(torch.zeros(2, 4, 4, dtype=torch.long), loss, zero, zero, usage=0.5, perplexity=2.0)
 
 
 def softplus(v: float) -> float:
@@ -152,12 +158,12 @@ def test_nll_normalisation_kl_sums_and_vq_averages(rec_loss):
     nll = diff / math.exp(0.5) + 0.5
     cfg = no_lpips(rec_loss=rec_loss, logvar_init=0.5, codebook_weight=2.0)
     posterior = DiagonalGaussian(torch.zeros(2, 8, 4, 4))
-    _, logs = AutoencoderLoss(cfg, "kl").generator_loss(x, recon, posterior, None, None, 0)
+    _, logs = AutoencoderLoss(cfg).generator_loss(x, recon, posterior, None, None, 0)
     assert logs["nll"].item() == pytest.approx(nll.sum().item() / 2, rel=1e-5)  # LDM: sum / batch
     assert logs["rec"].item() == pytest.approx(diff.mean().item(), rel=1e-5)
 
-    info = SimpleNamespace(loss=torch.tensor(0.25))  # stand-in for VQInfo: only .loss is read
-    total, logs = AutoencoderLoss(cfg, "vq").generator_loss(x, recon, info, None, None, 0)
+    info = vq_info(torch.tensor(0.25))
+    total, logs = AutoencoderLoss(cfg).generator_loss(x, recon, info, None, None, 0)
     assert logs["nll"].item() == pytest.approx(nll.mean().item(), rel=1e-5)  # taming: mean
     assert logs["codebook"].item() == 0.25 and "kl" not in logs
     assert total.item() == pytest.approx(nll.mean().item() + 2.0 * 0.25, rel=1e-5)
@@ -252,7 +258,7 @@ def test_generator_loss_backward_reaches_every_autoencoder_parameter(setup):
 
 
 def test_shape_mismatch_is_one_line_error():
-    loss = AutoencoderLoss(no_lpips(), "vq")
+    loss = AutoencoderLoss(no_lpips())
     with pytest.raises(ValueError, match=r"differ in shape"):
         loss.generator_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 4, 4), None, None, None, 0)
 
@@ -262,8 +268,8 @@ def test_config_validation():
         LossConfig(disc_loss="wgan")
     with pytest.raises(ValueError, match="lpips_net"):
         LossConfig(lpips_net="squeeze")
-    with pytest.raises(ValueError, match="kind"):
-        AutoencoderLoss(no_lpips(), kind="ae")
+    with pytest.raises(ValueError, match="no weight for a 'entropy' regularizer"):
+        no_lpips().regularizer_weight("entropy")
 
 
 # ------------------------------------------------------------------------------------- learned logvar
@@ -356,11 +362,11 @@ def test_lpips_stays_frozen_in_eval_through_train_and_casts(alex):
 
 def test_generator_loss_with_lpips_sends_gradient_to_recon(alex, monkeypatch):
     monkeypatch.setattr("ldm_vae.losses.build_lpips", lambda net, random_backbone: alex)
-    loss = AutoencoderLoss(LossConfig(lpips_net="alex", perceptual_weight=1.0), "vq")
+    loss = AutoencoderLoss(LossConfig(lpips_net="alex", perceptual_weight=1.0))
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
-    info = SimpleNamespace(loss=torch.tensor(0.0))
+    info = vq_info(torch.tensor(0.0))
     total, logs = loss.generator_loss(x, recon, info, None, None, 0)
     p = alex(x, recon).detach()
     assert logs["perceptual"].item() == pytest.approx(p.mean().item(), rel=1e-5)
@@ -400,7 +406,7 @@ def test_vq_autoencoder_end_to_end():
     disc = NLayerDiscriminator(channels=8, n_layers=2)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, info = model(x)
-    loss = AutoencoderLoss(no_lpips(disc_start=0), "vq")
+    loss = AutoencoderLoss(no_lpips(disc_start=0))
     total, logs = loss.generator_loss(x, recon, info, disc(recon), model.decoder.conv_out.weight, 0)
     assert logs["codebook"].item() == pytest.approx(info.loss.item())
     assert logs["d_weight"].item() > 0

@@ -423,10 +423,10 @@ def test_validation_reports_lpips_when_the_perceptual_net_exists():
     vae = AutoencoderKL.from_pretrained("tiny").train()
     images = torch.rand(3, 3, 64, 64) * 2 - 1  # AlexNet's pooling needs more than 16 px
     perceptual = build_lpips("alex", random_backbone=True)
-    values, grid = tv.validate(vae, None, images, "kl", 2, perceptual=perceptual)
+    values, grid = tv.validate(vae, None, images, 2, perceptual=perceptual)
     assert vae.training  # modes restored
     with torch.no_grad():
         recon = vae(images, sample_posterior=False)[0].clamp(-1, 1)
     assert values["val/lpips"] == pytest.approx(perceptual(recon, images).mean().item(), rel=1e-5)
-    assert "val/lpips" not in tv.validate(vae, None, images, "kl", 2)[0]
+    assert "val/lpips" not in tv.validate(vae, None, images, 2)[0]
     assert grid.shape[0] == 3  # an RGB grid: inputs and reconstructions

@@ -1,0 +1,85 @@
+"""The contract every autoencoder of the package meets, so that losses, trainers and the CLI never ask which
+kind of bottleneck they hold.
+
+Every model is Encoder -> bottleneck -> Decoder (:mod:`ldm_vae.modules`); only the bottleneck differs. The
+bottleneck's report for a batch (the KL posterior, the VQ quantizer's info) is a :class:`Regularization`: it
+knows its own loss term, how the recipe it comes from reduces the reconstruction term, and what to log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Regularization(Protocol):
+    """What a bottleneck reports for one batch."""
+
+    #: Log key of the loss term and the selector of its weight in the loss config ("kl" or "codebook").
+    name: str
+    #: How its recipe reduces the per-pixel reconstruction term: LDM's KL models sum over (C, H, W) and average
+    #: over the batch ("sum"); taming's VQ models average over every element ("mean").
+    pixel_reduction: Literal["sum", "mean"]
+
+    def regularization_loss(self) -> Tensor:
+        """The unweighted scalar loss term (KL summed per image and averaged over the batch, or codebook)."""
+        ...
+
+    def logs(self) -> dict[str, Tensor]:
+        """Detached scalars to log, the loss term under ``name`` included."""
+        ...
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """encode / decode / forward, the same for the KL and VQ models (and later classes)."""
+
+    config: Any
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def encode_latents(
+        self,
+        x: Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        tile_size: int | None = None,
+        max_memory: int | None = None,
+    ) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> the raw latents ``decode`` takes (B, decode_channels, H/f, W/f)."""
+        ...
+
+    def decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+        """Raw latents -> images (B, C, H, W), float32."""
+        ...
+
+    def forward(
+        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Regularization]:
+        """(reconstruction, the bottleneck's report); training samples a stochastic bottleneck."""
+        ...
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        """Raw latents -> diffusion-ready latents."""
+        ...
+
+    def unscale_latents(self, z: Tensor) -> Tensor:
+        """Diffusion-ready latents -> raw latents."""
+        ...
+
+    def encoder_side(self) -> list[nn.Module]:
+        """The modules that define the latent space (frozen by decoder-only fine-tuning)."""
+        ...
+
+    @property
+    def decode_channels(self) -> int:
+        """Channels of the latents ``decode`` takes."""
+        ...
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The decoder's last weight: the layer of the adaptive GAN weight (Esser et al., 2021, eq. 7)."""
+        ...
