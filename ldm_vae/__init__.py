@@ -2,15 +2,17 @@
 
 from .autoencoder_kl import AutoencoderKL
 from .checkpoint import CheckpointError
-from .config import PRESETS, AutoencoderKLConfig, VQConfig
+from .config import PRESETS, VQ_PRESETS, AutoencoderKLConfig, ConfigKeyError, VQConfig
 from .distributions import DiagonalGaussian
 from .vq import VQAutoencoder, VQInfo
 
 __all__ = [
     "PRESETS",
+    "VQ_PRESETS",
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "CheckpointError",
+    "ConfigKeyError",
     "DiagonalGaussian",
     "VQAutoencoder",
     "VQConfig",

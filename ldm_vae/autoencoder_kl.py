@@ -13,19 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import LDM_PREFIXES
+from .checks import check_input
 from .config import PRESETS, AutoencoderKLConfig
 from .distributions import DiagonalGaussian
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
 from .tiling import run
-
-
-def check_input(x: Tensor, channels: int, what: str) -> None:
-    """Raises ValueError with one line when ``x`` is not (B, channels, H, W) or holds NaN/Inf."""
-    if x.ndim != 4 or x.shape[1] != channels:
-        raise ValueError(f"{what} must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{what} contain NaN or Inf")
 
 
 class AutoencoderKL(PretrainedMixin, nn.Module):

@@ -12,10 +12,10 @@ from safetensors import SafetensorError, safe_open
 
 from . import checkpoint as ckpt
 from .autoencoder_kl import AutoencoderKL
-from .config import PRESETS
+from .config import PRESETS, VQ_PRESETS
 from .interface import Autoencoder
 from .pretrained import SHIPPED, WEIGHTS_DIR
-from .vq import VQ_PRESETS, VQAutoencoder
+from .vq import VQAutoencoder
 
 #: Model classes by the short name training configs use (``model.kind``).
 AUTOENCODERS: dict[str, type] = {"kl": AutoencoderKL, "vq": VQAutoencoder}

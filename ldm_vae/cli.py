@@ -23,16 +23,17 @@ from tqdm import tqdm
 
 from . import __version__
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, write_json, write_safetensors
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from .images import (
     collect_images,
     crop_to,
     load_image,
     pad_to_multiple,
     padded_size,
-    quantize,
+    round_to_8bit,
     save_image,
 )
+from .io import write_json, write_safetensors
 from .metrics import bicubic_baseline, psnr, ssim
 from .runtime import DTYPE_NAMES, DTYPES
 
@@ -309,8 +310,8 @@ def reconstruct_images(
             for i, xi, ri in zip(batch, x, recon, strict=True):
                 original = crop_to(xi, sizes[i])
                 # Scored as written to disk (8-bit), like the bicubic baseline.
-                ri = quantize(crop_to(ri, sizes[i]))
-                base = quantize(bicubic_baseline(original, f))
+                ri = round_to_8bit(crop_to(ri, sizes[i]))
+                base = round_to_8bit(bicubic_baseline(original, f))
                 save_image(ri, outputs[i])
                 rows[i] = {
                     "source": str(paths[i]),

@@ -116,26 +116,70 @@ class VQConfig(_Levels):
 ConfigT = TypeVar("ConfigT", AutoencoderKLConfig, VQConfig)
 
 
-def config_from_dict(cls: type[ConfigT], cfg: dict[str, Any], **overrides: Any) -> ConfigT:
-    """Build ``cls`` from a diffusers ``config.json`` dict, refusing architectures we do not implement."""
-    n = len(cfg.get("block_out_channels", cls.block_out_channels))
+class ConfigKeyError(ValueError):
+    """A config key or override the config class does not know; the message is one line naming it."""
+
+
+# Keys of diffusers' AutoencoderKL / VQModel __init__ that are not our fields: the architecture choices checked
+# below (we build one of each), and keys with no effect here (lookup_from_codebook only changes what diffusers'
+# decode() takes as input).
+_DIFFUSERS_ONLY_KEYS: dict[type, tuple[str, ...]] = {
+    AutoencoderKLConfig: ("down_block_types", "up_block_types", "act_fn", "latents_mean", "latents_std"),
+    VQConfig: ("down_block_types", "up_block_types", "act_fn", "norm_type", "lookup_from_codebook"),
+}
+
+
+def build_model_config(
+    cls: type[ConfigT], fields: dict[str, Any], overrides: dict[str, Any], source: str
+) -> ConfigT:
+    """Builds ``cls``: the one path for presets, diffusers folders and single files.
+
+    Args:
+        cls: ``AutoencoderKLConfig`` or ``VQConfig``.
+        fields: a diffusers ``config.json`` dict, a preset's fields, or fields read off tensor shapes. Keys may
+            be fields of ``cls``, diffusers' own keys for the class (architecture checks, refused when they ask
+            for blocks we do not build), or ``_``-prefixed metadata (``_class_name``, ``_diffusers_version``).
+        overrides: fields of ``cls`` to change, applied last.
+        source: what is being loaded (a path, ``preset 'sd'``), first in error messages.
+
+    Raises:
+        ConfigKeyError: a key that is none of the above, or an override that is not a field.
+        ValueError: an architecture ldm_vae does not implement, or an invalid field value.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    extra = _DIFFUSERS_ONLY_KEYS[cls]
+    _refuse_unknown(cls, source, [k for k in overrides if k not in names], names)
+    unknown = [k for k in fields if k not in names and k not in extra and not k.startswith("_")]
+    _refuse_unknown(cls, source, unknown, names, extra)
+    n = len(fields.get("block_out_channels", cls.block_out_channels))
     for key, want in (("down_block_types", _ENCODER_BLOCK), ("up_block_types", _DECODER_BLOCK)):
-        got = cfg.get(key)
+        got = fields.get(key)
         if got is not None and (len(got) != n or any(t != want for t in got)):
             raise ValueError(f"unsupported {key} {got}: ldm_vae builds only {want} blocks")
-    if cfg.get("act_fn", "silu") != "silu":
-        raise ValueError(f"unsupported act_fn {cfg['act_fn']!r}: ldm_vae uses silu")
-    if cfg.get("norm_type", "group") != "group":
-        raise ValueError(f"unsupported norm_type {cfg['norm_type']!r} (MoVQ spatial norm is not implemented)")
-    if cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None:
+    if fields.get("act_fn", "silu") != "silu":
+        raise ValueError(f"unsupported act_fn {fields['act_fn']!r}: ldm_vae uses silu")
+    if fields.get("norm_type", "group") != "group":
+        raise ValueError(
+            f"unsupported norm_type {fields['norm_type']!r} (MoVQ spatial norm is not implemented)"
+        )
+    if fields.get("latents_mean") is not None or fields.get("latents_std") is not None:
         raise ValueError("per-channel latents_mean/latents_std configs are not supported")
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in cfg.items() if k in names}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    kwargs = {k: v for k, v in fields.items() if k in names}
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+def _refuse_unknown(
+    cls: type, source: str, unknown: list[str], names: list[str], extra: tuple[str, ...] = ()
+) -> None:
+    if not unknown:
+        return
+    keys = ", ".join(repr(k) for k in unknown)
+    also = f"; a config.json may also hold {', '.join(extra)} and _-prefixed metadata" if extra else ""
+    raise ConfigKeyError(
+        f"{source}: unknown config key{'s' if len(unknown) > 1 else ''} {keys} for {cls.__name__} "
+        f"(valid: {', '.join(names)}{also})"
+    )
 
 
 PRESETS: dict[str, AutoencoderKLConfig] = {
@@ -155,5 +199,19 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
     # For tests: two levels (f=2), a few channels.
     "tiny": AutoencoderKLConfig(
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=1.0, sample_size=32
+    ),
+}
+
+VQ_PRESETS: dict[str, VQConfig] = {
+    # VQ-f8 of Latent Diffusion (vq-f8: 16384 codes of dim 4).
+    "vq-f8": VQConfig(),
+    # For tests: two levels (f=2), 32 codes.
+    "tiny": VQConfig(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_vq_embeddings=32,
+        latent_channels=4,
+        sample_size=32,
     ),
 }

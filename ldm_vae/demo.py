@@ -18,9 +18,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import CheckpointError, atomic_path, write_json
+from .checkpoint import CheckpointError
 from .cli import _print_table, reconstruct_images, write_samples
 from .images import load_image, pad_to_multiple
+from .io import atomic_path, write_json
 from .ldm import load_pipeline, sampling_scheduler
 from .pretrained import DEMO_PIPELINE, WEIGHTS_DIR
 

@@ -8,7 +8,8 @@ under fully transparent pixels is arbitrary (often black or garbage) and a VAE w
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .checkpoint import atomic_path
+from .io import atomic_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Modes whose samples are 16-bit integers. PIL's own convert("L"/"RGB") clips them at 255 instead of scaling.
@@ -62,12 +63,12 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return sorted(found.values(), key=str)
 
 
-def load_image(path: str | os.PathLike) -> Tensor:
-    """Reads an image file into a float32 tensor (3, H, W) in [-1, 1].
+@contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Opens and fully decodes an image file, EXIF orientation applied: the one decoding path of the package.
 
-    Handles JPEG/PNG/WebP/TIFF/BMP in modes 1, L, LA, P (with or without transparency), RGB, RGBA, CMYK,
-    YCbCr and 16-bit grayscale (scaled by 1/65535, not clipped). Alpha is composited on white. 16-bit RGB
-    PNG/TIFF files keep 8 bits (PIL's reduction takes the high byte, so the scale is right).
+    Failures while decoding, and while the body of the ``with`` converts the image, become one-line
+    :class:`ImageError` messages naming the file.
 
     Raises:
         ImageError: missing, empty, truncated or undecodable file.
@@ -81,8 +82,9 @@ def load_image(path: str | os.PathLike) -> Tensor:
         with Image.open(path) as im:
             # PIL decodes lazily; load() forces the full decode so a truncated file fails here, not later.
             im.load()
-            im = ImageOps.exif_transpose(im)
-            v = _to_unit_rgb(im)  # (H, W, 3) in [0, 1]
+            yield ImageOps.exif_transpose(im)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unrecognized format)") from None
     except Exception as e:  # PIL's decoders raise many unrelated types on malformed data
@@ -90,7 +92,25 @@ def load_image(path: str | os.PathLike) -> Tensor:
         if "truncat" in reason.lower():
             raise ImageError(f"{path}: image file is truncated ({reason})") from None
         raise ImageError(f"{path}: not a readable image ({reason})") from None
-    return rearrange(torch.from_numpy(v), "h w c -> c h w") * 2.0 - 1.0
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Reads an image file into a float32 tensor (3, H, W) in [-1, 1].
+
+    Handles JPEG/PNG/WebP/TIFF/BMP in modes 1, L, LA, P (with or without transparency), RGB, RGBA, CMYK,
+    YCbCr and 16-bit grayscale (scaled by 1/65535, not clipped). Alpha is composited on white. 16-bit RGB
+    PNG/TIFF files keep 8 bits (PIL's reduction takes the high byte, so the scale is right).
+
+    Raises:
+        ImageError: missing, empty, truncated or undecodable file.
+    """
+    with open_image(path) as im:
+        return pil_to_tensor(im)
+
+
+def pil_to_tensor(im: Image.Image) -> Tensor:
+    """A decoded PIL image -> float32 (3, H, W) in [-1, 1] (see :func:`load_image` for the modes)."""
+    return rearrange(torch.from_numpy(_to_unit_rgb(im)), "h w c -> c h w") * 2.0 - 1.0
 
 
 def _to_unit_rgb(im: Image.Image) -> np.ndarray:
@@ -135,6 +155,34 @@ def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
     return x[..., : size[0], : size[1]]
 
 
+# ------------------------------------------------------------------------------------------ transforms
+
+
+def resize_short_side(x: Tensor, size: int) -> Tensor:
+    """(3, H, W) -> short side ``size``, aspect kept (bicubic, antialiased, clamped to [-1, 1])."""
+    h, w = x.shape[-2:]
+    if min(h, w) == size:
+        return x
+    scale = size / min(h, w)
+    new = (max(size, round(h * scale)), max(size, round(w * scale)))
+    return F.interpolate(x[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0].clamp(
+        -1, 1
+    )
+
+
+def resize_short_side_up(x: Tensor, size: int) -> Tensor:
+    """(3, H, W) -> short side ``size`` if it is smaller (see :func:`resize_short_side`); else ``x``."""
+    return resize_short_side(x, size) if min(x.shape[-2:]) < size else x
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central (3, size, size) of (3, H, W), short side resized up first when smaller."""
+    x = resize_short_side_up(x, size)
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[:, top : top + size, left : left + size]
+
+
 # ------------------------------------------------------------------------------------------- writing
 
 
@@ -144,7 +192,7 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return rearrange(v, "c h w -> h w c").numpy()
 
 
-def quantize(x: Tensor) -> Tensor:
+def round_to_8bit(x: Tensor) -> Tensor:
     """What saving as 8-bit and loading again gives: ``x`` snapped to the 256 levels, in [-1, 1]."""
     return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0
 

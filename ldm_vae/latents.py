@@ -39,9 +39,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import CheckpointError, read_state_dict, write_json, write_safetensors
-from .images import load_image
-from .training.data import center_crop, mix_seed, resize_short_side
+from .checkpoint import CheckpointError, read_state_dict
+from .images import center_crop, load_image, resize_short_side
+from .io import write_json, write_safetensors
+from .seeds import mix_seed
 
 MANIFEST_NAME = "latents.json"
 FORMAT = "ldm-vae-latents/1"

@@ -32,7 +32,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .autoencoder_kl import AutoencoderKL
-from .checkpoint import CheckpointError, write_json
+from .checkpoint import CheckpointError
+from .io import write_json
 from .runtime import resolve_dtype
 
 SamplerName = Literal["ddim", "ddpm"]

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .config import config_from_dict
+from .config import build_model_config
+from .io import write_json, write_safetensors
 from .runtime import memory_format_for, resolve_dtype
 
 # Shipped weights: <repo>/weights/ (editable install) or $LDM_VAE_WEIGHTS. weights/demo is the demo's
@@ -58,6 +59,7 @@ class PretrainedMixin:
 
         Raises:
             CheckpointError: unreadable source, or weights that do not fit (names the keys).
+            ConfigKeyError: an override, or a key of the config, that the config class does not know.
         """
         name = str(src)
         if name in SHIPPED and not Path(name).exists():
@@ -68,8 +70,8 @@ class PretrainedMixin:
                 )
             src = folder
         elif name in cls.presets and not Path(name).exists():
-            base = cls.presets[name]
-            model = cls(dataclasses.replace(base, **overrides) if overrides else base)
+            preset = dataclasses.asdict(cls.presets[name])
+            model = cls(build_model_config(cls.config_class, preset, overrides, f"preset {name!r}"))
             return model.to_runtime(dtype, device)
 
         path = ckpt.resolve_source(src)
@@ -78,9 +80,8 @@ class PretrainedMixin:
             expected = cls.diffusers_class_name
             if raw_cfg.get("_class_name", expected) != expected:
                 raise ckpt.CheckpointError(f"{path}: holds a {raw_cfg['_class_name']}, not a {expected}")
-            model = cls(
-                config_from_dict(cls.config_class, raw_cfg, **overrides)
-            )  # fails before reading weights
+            # Built before the weights are read, so a bad config fails fast.
+            model = cls(build_model_config(cls.config_class, raw_cfg, overrides, str(path)))
             state_dict = ckpt.read_diffusers_weights(path, variant)
             ckpt.check_and_load(model, state_dict, str(path), optional=cls.training_only_prefixes)
         elif path.is_file() or path.suffix:
@@ -102,13 +103,15 @@ class PretrainedMixin:
             # A diffusers-named single file: go through LDM names so one shape-inference path serves both.
             n = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down_blocks."))
             state_dict = ckpt.to_ldm(state_dict, n)
-        fields = cls._default_fields_for(full, prefix)
-        fields.update(ckpt.infer_config_fields(state_dict))
+        inferred = ckpt.infer_config_fields(state_dict)
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        if not set(inferred) <= names:  # shapes of the other autoencoder kind (a codebook, or none)
+            held = "VQModel" if "num_vq_embeddings" in inferred else "AutoencoderKL"
+            raise ckpt.CheckpointError(f"{path}: holds a {held}, not a {cls.diffusers_class_name}")
+        fields = {**cls._default_fields_for(full, prefix), **inferred}
         if config is not None:
             fields.update(_config_fields(config))
-        fields.update(overrides)
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        model = cls(cls.config_class(**{k: v for k, v in fields.items() if k in names}))
+        model = cls(build_model_config(cls.config_class, fields, overrides, str(path)))
         levels = len(model.config.block_out_channels)
         converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels)
         ckpt.check_and_load(model, converted, str(path), optional=cls.training_only_prefixes)
@@ -154,8 +157,8 @@ class PretrainedMixin:
         """Writes the diffusers layout (``config.json`` + safetensors) that ``diffusers.*.from_pretrained`` reads."""
         folder = Path(folder)
         state_dict = self._export_state_dict(dtype)
-        ckpt.write_safetensors(state_dict, folder / ckpt.WEIGHTS_NAME)
-        ckpt.write_json(self.config.to_diffusers(), folder / ckpt.CONFIG_NAME)  # type: ignore[attr-defined]
+        write_safetensors(state_dict, folder / ckpt.WEIGHTS_NAME)
+        write_json(self.config.to_diffusers(), folder / ckpt.CONFIG_NAME)  # type: ignore[attr-defined]
         return folder
 
     def save_single_file(
@@ -167,7 +170,7 @@ class PretrainedMixin:
             raise ValueError(f"{path}: single files are written as .safetensors only")
         levels = len(self.config.block_out_channels)  # type: ignore[attr-defined]
         ldm = ckpt.to_ldm(self._export_state_dict(dtype), levels)
-        ckpt.write_safetensors({prefix + k: v for k, v in ldm.items()}, path)
+        write_safetensors({prefix + k: v for k, v in ldm.items()}, path)
         return path
 
     def _export_state_dict(self, dtype: str | torch.dtype | None) -> dict[str, Tensor]:

@@ -18,25 +18,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .autoencoder_kl import check_input
-from .config import VQConfig
+from .checks import check_input
+from .config import VQ_PRESETS, VQConfig
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
 from .tiling import run
-
-VQ_PRESETS: dict[str, VQConfig] = {
-    # VQ-f8 of Latent Diffusion (vq-f8: 16384 codes of dim 4).
-    "vq-f8": VQConfig(),
-    # For tests: two levels (f=2), 32 codes.
-    "tiny": VQConfig(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_vq_embeddings=32,
-        latent_channels=4,
-        sample_size=32,
-    ),
-}
 
 
 @dataclass

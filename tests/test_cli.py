@@ -19,7 +19,7 @@ from skimage import data
 
 from ldm_vae import AutoencoderKL
 from ldm_vae.cli import main, output_stems
-from ldm_vae.images import crop_to, load_image, pad_to_multiple, quantize, to_uint8
+from ldm_vae.images import crop_to, load_image, pad_to_multiple, round_to_8bit, to_uint8
 from ldm_vae.metrics import psnr, ssim
 
 FP32 = ["--dtype", "fp32"]
@@ -207,7 +207,7 @@ def test_reconstruct_writes_images_and_metrics(tmp_path, capsys, images, model_d
     with torch.no_grad():
         recon = vae.decode(vae.encode(pad_to_multiple(x, 2)[None]).mode())[0]
     torch.testing.assert_close(
-        load_image(out / "odd.png"), quantize(crop_to(recon, (31, 31))), atol=1e-6, rtol=0
+        load_image(out / "odd.png"), round_to_8bit(crop_to(recon, (31, 31))), atol=1e-6, rtol=0
     )
     for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
         assert report["mean"][key] == pytest.approx(np.mean([r[key] for r in rows]))

@@ -17,7 +17,7 @@ from ldm_vae.images import (
     crop_to,
     load_image,
     pad_to_multiple,
-    quantize,
+    round_to_8bit,
     save_image,
     to_uint8,
 )
@@ -222,8 +222,8 @@ def test_save_image_round_trip_is_quantization(tmp_path):
     path = save_image(x, tmp_path / "new" / "out.png")
     assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == ["out.png"]  # no temp file
     back = load_image(path)
-    torch.testing.assert_close(back, quantize(x), atol=1e-6, rtol=0)
-    assert (quantize(x) - x.clamp(-1, 1)).abs().max() <= 1 / 255 + 1e-6
+    torch.testing.assert_close(back, round_to_8bit(x), atol=1e-6, rtol=0)
+    assert (round_to_8bit(x) - x.clamp(-1, 1)).abs().max() <= 1 / 255 + 1e-6
     assert to_uint8(torch.tensor([-2.0, -1.0, 0.0, 1.0, 5.0]).view(1, 1, 5).expand(3, 1, 5))[
         0, :, 0
     ].tolist() == [

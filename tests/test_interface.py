@@ -7,8 +7,8 @@ import torch
 
 from ldm_vae import AutoencoderKL, CheckpointError, VQAutoencoder
 from ldm_vae.autoencoders import AUTOENCODERS, autoencoder_class, load_autoencoder
-from ldm_vae.checkpoint import write_json
 from ldm_vae.interface import Autoencoder, Regularization
+from ldm_vae.io import write_json
 
 
 @pytest.fixture(params=["kl", "vq"])

@@ -233,7 +233,7 @@ def test_interrupted_save_keeps_previous_file(vae, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt  # as if killed in the middle of writing
 
-    monkeypatch.setattr("ldm_vae.checkpoint.save_file", boom)
+    monkeypatch.setattr("ldm_vae.io.save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         AutoencoderKL.from_pretrained("tiny").save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").read_bytes() == before

@@ -1,6 +1,7 @@
 """Reusable pieces of the training scripts (``scripts/train_vae.py``, the latent-diffusion trainer):
 typed configs with command-line overrides, image-folder data, EMA, atomic checkpoints, loop state, metrics logging."""
 
+from ..seeds import mix_seed
 from .checkpointing import CheckpointManager
 from .config import (
     ConfigError,
@@ -20,7 +21,6 @@ from .data import (
     ImageFolderDataset,
     list_images,
     load_validation_images,
-    mix_seed,
     validation_files,
 )
 from .ema import ModelEMA

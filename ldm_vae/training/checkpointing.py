@@ -19,7 +19,8 @@ from typing import Any
 from accelerate import Accelerator
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, read_state_dict, write_json, write_safetensors
+from ..checkpoint import CheckpointError, read_state_dict
+from ..io import write_json, write_safetensors
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
 TMP_PREFIX = ".tmp-checkpoint-"

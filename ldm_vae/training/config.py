@@ -27,7 +27,7 @@ else:  # pragma: no cover - Python 3.10
 
 import yaml
 
-from ..checkpoint import write_json
+from ..io import write_json
 
 T = TypeVar("T")
 

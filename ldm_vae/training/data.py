@@ -13,20 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from ..images import ImageError, _to_unit_rgb, collect_images, load_image
+from ..images import (
+    ImageError,
+    center_crop,
+    collect_images,
+    load_image,
+    open_image,
+    pil_to_tensor,
+    resize_short_side_up,
+)
+from ..seeds import mix_seed
 
 TRAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -52,35 +54,6 @@ def readable(files: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]
         except Exception as e:  # PIL raises many unrelated types on malformed data
             bad.append((path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
     return good, bad
-
-
-def resize_short_side(x: Tensor, size: int) -> Tensor:
-    """(3, H, W) -> short side ``size``, aspect kept (bicubic, antialiased, clamped to [-1, 1])."""
-    h, w = x.shape[-2:]
-    if min(h, w) == size:
-        return x
-    scale = size / min(h, w)
-    new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    return F.interpolate(x[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0].clamp(
-        -1, 1
-    )
-
-
-def resize_short_side_up(x: Tensor, size: int) -> Tensor:
-    """(3, H, W) -> short side ``size`` if it is smaller (see :func:`resize_short_side`); else ``x``."""
-    return resize_short_side(x, size) if min(x.shape[-2:]) < size else x
-
-
-def center_crop(x: Tensor, size: int) -> Tensor:
-    """The central (3, size, size) of (3, H, W), short side resized up first when smaller."""
-    x = resize_short_side_up(x, size)
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[:, top : top + size, left : left + size]
-
-
-def _to_tensor(im: Image.Image) -> Tensor:
-    return rearrange(torch.from_numpy(_to_unit_rgb(im)), "h w c -> c h w") * 2.0 - 1.0  # (3, H, W) in [-1, 1]
 
 
 class ImageFolderDataset(Dataset):
@@ -111,24 +84,28 @@ class ImageFolderDataset(Dataset):
             try:
                 return self._crop(path, np.random.default_rng(seed))
             except Exception as e:  # as in readable(): PIL raises many types
-                warnings.warn(f"{path}: unreadable image skipped ({type(e).__name__}: {e})", stacklevel=2)
+                # open_image's ImageError already names the file; say it once.
+                reason = (
+                    str(e).removeprefix(f"{path}: ")
+                    if isinstance(e, ImageError)
+                    else f"{type(e).__name__}: {e}"
+                )
+                warnings.warn(f"{path}: unreadable image skipped ({reason})", stacklevel=2)
         raise ImageError("no image in the dataset could be decoded")
 
     def _crop(self, path: Path, rng: np.random.Generator) -> Tensor:
         size = self.resolution
-        with Image.open(path) as im:
-            im.load()  # full decode: truncated files fail here
-            im = ImageOps.exif_transpose(im)
+        with open_image(path) as im:
             w, h = im.size
             if min(w, h) < size:
-                x = resize_short_side_up(_to_tensor(im), size)
+                x = resize_short_side_up(pil_to_tensor(im), size)
                 h, w = x.shape[-2:]
                 top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
                 x = x[:, top : top + size, left : left + size]
             else:
                 # Crop before converting to float: photos are often far larger than the crop.
                 top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-                x = _to_tensor(im.crop((left, top, left + size, top + size)))  # (3, size, size)
+                x = pil_to_tensor(im.crop((left, top, left + size, top + size)))  # (3, size, size)
         if self.flip and rng.random() < 0.5:
             x = x.flip(-1)
         return x.contiguous()

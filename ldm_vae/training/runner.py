@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from ..images import save_image
 from ..runtime import autocast_precision
+from ..seeds import mix_seed
 from .checkpointing import CheckpointManager
 from .config import ConfigError, TrainConfig, write_config
-from .data import mix_seed
 from .ema import ModelEMA
 from .loop import TrainProgress, after_step, due, nonfinite_anywhere
 from .tracking import MetricsLog, tensorboard_tracker

@@ -27,6 +27,7 @@ from torchvision.utils import make_grid
 
 from ..autoencoders import AUTOENCODERS
 from ..checkpoint import CheckpointError
+from ..config import ConfigKeyError
 from ..images import ImageError
 from ..interface import Autoencoder
 from ..losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
@@ -70,7 +71,7 @@ def build_autoencoder(cfg: ModelConfig, gradient_checkpointing: bool) -> Autoenc
     """The autoencoder to train, in train mode, with frozen parts for ``decoder_only``."""
     try:
         model = AUTOENCODERS[cfg.kind].from_pretrained(cfg.init, **cfg.overrides)
-    except TypeError as e:  # dataclasses.replace() on an unknown field
+    except ConfigKeyError as e:
         raise ConfigError(f"model.overrides: {e}") from None
     model.train()
     if cfg.decoder_only:
