@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from skimage import data
 
 from ldm_vae import AutoencoderKL
-from ldm_vae.cli import main, output_stems
+from ldm_vae.cli import main
 from ldm_vae.images import crop_to, load_image, pad_to_multiple, quantize, to_uint8
 from ldm_vae.metrics import psnr, ssim
+from ldm_vae.workflows import output_stems
 
 FP32 = ["--dtype", "fp32"]
 
