@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 
 from .autoencoder_kl import AutoencoderKL
 from .checkpoint import CheckpointError
-from .cli import _print_table, reconstruct_images, write_samples
 from .images import load_image, pad_to_multiple
 from .io import atomic_path, write_json
 from .ldm import load_pipeline, sampling_scheduler
 from .pretrained import DEMO_PIPELINE, WEIGHTS_DIR
+from .workflows import print_table, reconstruct_images, write_samples
 
 # scikit-image's colour photographs (all ship inside the package, none was used in training).
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -76,7 +76,7 @@ def run_demo(
     rows = reconstruct_images(vae, originals, recons, batch_size=1)
     keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    _print_table(rows, mean, vae.config.downsample_factor)
+    print_table(rows, mean, vae.config.downsample_factor)
 
     # 2. Their diffusion-ready latents.
     latents = {}

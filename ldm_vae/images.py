@@ -94,6 +94,19 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
         raise ImageError(f"{path}: not a readable image ({reason})") from None
 
 
+def readable(files: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Splits ``files`` into those PIL can open and (path, reason) for the rest; reads headers only."""
+    good, bad = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - the header parse is the check
+            good.append(path)
+        except Exception as e:  # PIL raises many unrelated types on malformed data
+            bad.append((path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
+    return good, bad
+
+
 def load_image(path: str | os.PathLike) -> Tensor:
     """Reads an image file into a float32 tensor (3, H, W) in [-1, 1].
 

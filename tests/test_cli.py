@@ -17,10 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from skimage import data
 
-from ldm_vae import AutoencoderKL
-from ldm_vae.cli import main, output_stems
+from ldm_vae import AutoencoderKL, VQAutoencoder
+from ldm_vae.cli import main
 from ldm_vae.images import crop_to, load_image, pad_to_multiple, round_to_8bit, to_uint8
 from ldm_vae.metrics import psnr, ssim
+from ldm_vae.workflows import output_stems
 
 FP32 = ["--dtype", "fp32"]
 
@@ -383,3 +384,146 @@ def test_installed_entry_point(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == f"error: {missing}: no such file or directory\n"
     assert not (tmp_path / "z.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------ VQ models
+# The same commands on a VQ model, through the common interface: latents are the exact codebook vectors.
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "tiny-vq"
+    # Code dim 3 (not latent_channels 4) and scale 0.5 (exact in binary), so both are checked for real.
+    VQAutoencoder.from_pretrained("tiny", vq_embed_dim=3, scaling_factor=0.5).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vq(vq_dir) -> VQAutoencoder:
+    return VQAutoencoder.from_pretrained(vq_dir)
+
+
+def test_vq_encode_writes_scaled_codebook_vectors_and_decode_decodes_them(
+    tmp_path, capsys, images, vq_dir, vq
+):
+    lat, out = tmp_path / "z.safetensors", tmp_path / "out"
+    code, _, err = _run(capsys, "encode", images, "-o", lat, "--model", vq_dir, *FP32, "--batch-size", "2")
+    assert code == 0, err
+    with safe_open(str(lat), "pt") as f:
+        meta, z = f.metadata(), f.get_tensor("latents")
+    assert float(meta["scaling_factor"]) == 0.5 and float(meta["shift_factor"]) == 0.0
+    assert z.shape == (3, 3, 16, 16)
+    names = ["astronaut.png", "coffee.jpg", "odd.png"]
+    x = torch.stack([pad_to_multiple(load_image(images / n), 2) for n in names])  # (3, 3, 32, 32)
+    with torch.no_grad():
+        want = vq.encode_latents(x)  # (3, 3, 16, 16): raw codebook vectors
+        decoded = vq.decode(want)
+    torch.testing.assert_close(z, vq.scale_latents(want), rtol=0, atol=0)
+    # Every latent vector is a codebook row times the scale.
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    distance = torch.cdist(vectors, vq.quantize.codebook().detach() * 0.5).min(dim=1).values
+    assert distance.max() == 0
+    code, _, err = _run(capsys, "decode", lat, "-o", out, "--model", vq_dir, *FP32)
+    assert code == 0 and "warning" not in err, err
+    for i, name in enumerate(["astronaut", "coffee", "odd"]):
+        size = (31, 31) if name == "odd" else (32, 32)
+        png = np.asarray(Image.open(out / f"{name}.png"))
+        np.testing.assert_array_equal(png, to_uint8(crop_to(decoded[i], size)))
+
+
+def test_vq_reconstruct_writes_the_models_reconstructions(tmp_path, capsys, images, vq_dir, vq):
+    out = tmp_path / "rec"
+    code, stdout, err = _run(capsys, "reconstruct", images, "-o", out, "--model", vq_dir, *FP32)
+    assert code == 0, err
+    x = load_image(images / "odd.png")
+    with torch.no_grad():
+        recon = vq.decode(vq.encode_latents(pad_to_multiple(x, 2)[None]))[0]
+    y = load_image(out / "odd.png")
+    torch.testing.assert_close(y, round_to_8bit(crop_to(recon, (31, 31))), atol=1e-6, rtol=0)
+    report = json.loads((out / "metrics.json").read_text())
+    row = next(r for r in report["images"] if r["output"] == "odd.png")
+    assert row["psnr"] == pytest.approx(psnr(x, y).item(), abs=1e-4)
+    assert report["downsample_factor"] == 2 and "bicubic x2" in stdout
+
+
+def test_vq_decode_refuses_latents_of_another_width(tmp_path, capsys, images, model_dir, vq_dir):
+    lat = tmp_path / "kl.safetensors"
+    assert _run(capsys, "encode", images, "-o", lat, "--model", model_dir, *FP32)[0] == 0  # 4 channels
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "out", "--model", vq_dir, *FP32)
+    assert code == 1 and "latents have 4 channels but" in err and "takes 3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vq_info_counts_the_codebook_and_shapes_code_vectors(capsys, vq_dir, vq):
+    code, out, _ = _run(capsys, "info", vq_dir, "--size", "37", "29")
+    assert code == 0
+    enc = sum(p.numel() for m in (vq.encoder, vq.quant_conv) for p in m.parameters())
+    dec = sum(p.numel() for m in (vq.post_quant_conv, vq.decoder) for p in m.parameters())
+    assert f"encoder: {enc:,}" in out and f"decoder: {dec:,}" in out
+    assert "codebook: 96 (32 codes of dim 3)" in out
+    assert f"total:   {enc + dec + 96:,}" in out
+    assert "num_vq_embeddings: 32" in out and "(3, 19, 15) (image padded to 38x30)" in out
+
+
+def test_tiny_names_the_kl_preset(capsys):
+    # "tiny" is a KL and a VQ preset; the KL one wins, as in load_autoencoder.
+    code, out, _ = _run(capsys, "info", "tiny")
+    assert code == 0 and "shift_factor: None" in out and "num_vq_embeddings" not in out
+    assert "codebook" not in out
+
+
+def test_vq_convert_round_trip(tmp_path, capsys, vq_dir, vq):
+    single, folder = tmp_path / "vq.safetensors", tmp_path / "back"
+    assert _run(capsys, "convert", vq_dir, single, "--to", "ldm")[0] == 0
+    assert "quantize.embedding.weight" in load_file(single)
+    assert _run(capsys, "convert", single, folder, "--to", "diffusers", "--config", vq_dir)[0] == 0
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "VQModel"
+    loaded = VQAutoencoder.from_pretrained(folder)
+    assert loaded.config == vq.config
+    for (k, a), (k2, b) in zip(loaded.state_dict().items(), vq.state_dict().items(), strict=True):
+        assert k == k2
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cache_latents_refuses_a_vq_model(tmp_path, capsys, images, vq_dir):
+    out = tmp_path / "cache"
+    code, stdout, err = _run(
+        capsys, "cache-latents", images, "-o", out, "--model", vq_dir, "--resolution", "16"
+    )
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
+    assert "has no posterior" in err and "KL" in err and stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["flux", "vq-f8"])
+def test_latent_scaling_is_what_scale_latents_does(preset):
+    from ldm_vae.autoencoders import autoencoder_class
+    from ldm_vae.workflows import latent_scaling
+
+    config = autoencoder_class(preset).presets[preset]
+    vae = autoencoder_class(preset)(config, block_out_channels=(8,), norm_num_groups=4, layers_per_block=1)
+    scaling, shift = latent_scaling(vae)
+    z = torch.randn(2, vae.decode_channels, 3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vae.scale_latents(z), (z - shift) * scaling, rtol=0, atol=0)
+    torch.testing.assert_close(vae.unscale_latents(vae.scale_latents(z)), z)
+
+
+@pytest.mark.parametrize("command", ["decode", "reconstruct", "convert", "cache-latents", "sample", "demo"])
+def test_a_file_where_the_output_folder_goes_is_refused(tmp_path, capsys, images, model_dir, command):
+    blocker = tmp_path / "out"
+    blocker.write_text("mine\n")
+    lat = tmp_path / "z.safetensors"
+    save_file({"latents": torch.zeros(1, 4, 4, 4)}, str(lat))
+    model = ["--model", model_dir]
+    argv = {
+        "decode": ["decode", lat, *model],
+        "reconstruct": ["reconstruct", images, *model],
+        "convert": ["convert", model_dir, blocker, "--to", "diffusers"],
+        "cache-latents": ["cache-latents", images, *model],
+        "sample": ["sample", "--pipeline", tmp_path / "none"],
+        "demo": ["demo", "--pipeline", tmp_path / "none"],
+    }[command]
+    code, _, err = _run(capsys, *argv, *([] if command == "convert" else ["-o", blocker]))
+    assert code == 1 and err == f"error: {blocker}: exists and is not a directory\n"
+    assert blocker.read_text() == "mine\n"

@@ -10,10 +10,10 @@ from _scripts import import_script
 from PIL import Image
 
 from ldm_vae import AutoencoderKL
-from ldm_vae.cli import reconstruct_images
 from ldm_vae.demo import bundled_photos
 from ldm_vae.ldm import load_pipeline
 from ldm_vae.pretrained import WEIGHTS_DIR
+from ldm_vae.workflows import reconstruct_images
 
 DEMO = WEIGHTS_DIR / "demo"
 CARD = (DEMO / "README.md").read_text()

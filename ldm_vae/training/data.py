@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
@@ -24,6 +23,7 @@ from ..images import (
     load_image,
     open_image,
     pil_to_tensor,
+    readable,
     resize_short_side_up,
 )
 from ..seeds import mix_seed
@@ -41,19 +41,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise ImageError(f"{folder}: no {', '.join(TRAIN_SUFFIXES)} images in this folder")
     return files
-
-
-def readable(files: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Splits ``files`` into those PIL can open and (path, reason) for the rest; reads headers only."""
-    good, bad = [], []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                im.size  # noqa: B018 - the header parse is the check
-            good.append(path)
-        except Exception as e:  # PIL raises many unrelated types on malformed data
-            bad.append((path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
-    return good, bad
 
 
 class ImageFolderDataset(Dataset):
