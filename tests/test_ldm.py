@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
+from _accelerate import reset_accelerate
 from PIL import Image
 from safetensors import safe_open
 
@@ -48,11 +48,9 @@ ENTROPY_N01 = 0.5 * math.log2(2 * math.pi * math.e)  # differential entropy of N
 def one_thread_and_fresh_accelerate():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only add spin-waiting on a shared machine
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     torch.set_num_threads(threads)
 
 
@@ -297,7 +295,7 @@ def latent_cache(tmp_path_factory) -> Path:
     cache_latents(
         vae, sorted(photos.iterdir()), root / "latents", root=photos, resolution=16, model_name=str(vae_dir)
     )
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     return root / "latents"
 
 
@@ -339,8 +337,7 @@ def test_trainer_runs_resumes_exactly_and_exports_a_pipeline(latent_cache, tmp_p
 
     # Stopped at step 4, resumed to 8: the same weights as the straight run.
     tl.main(config(latent_cache, tmp_path / "b", ("train.max_steps", "4")))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = tl.main(
         config(latent_cache, tmp_path / "b", ("train.max_steps", "8"), ("train.resume", "latest"))
     )
@@ -383,7 +380,7 @@ def test_views_are_held_out_by_image(latent_cache, tmp_path):
     vae = AutoencoderKL.from_pretrained(latent_cache.parent / "vae")
     out = tmp_path / "views"
     cache_latents(vae, sorted(photos.iterdir()), out, root=photos, resolution=16, views=3, shard_size=7)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     cfg = config(out, tmp_path / "run")  # data.num_val = 4 images
     train, val, manifest = tl.load_data(cfg.data, world=1)
     assert manifest["num_items"] == 60 and len(train) == 48 and len(val) == 4

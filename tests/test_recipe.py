@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _accelerate import fresh_accelerate  # noqa: F401 - autouse
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from torch import nn
 
@@ -28,15 +28,6 @@ def photos(tmp_path_factory) -> Path:
     for i, image in enumerate([skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()] * 4):
         Image.fromarray(image).resize((40 + i, 36 + i), Image.BICUBIC).save(folder / f"p{i:02d}.png")
     return folder
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def objective(photos: Path, tmp_path: Path, *overrides: tuple[str, str]) -> tv.VAEObjective:

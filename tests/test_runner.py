@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from _accelerate import fresh_accelerate, reset_accelerate  # noqa: F401 - fresh_accelerate is autouse
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from ldm_vae.training import ConfigError, load_config
@@ -21,15 +21,6 @@ from ldm_vae.training.runner import check_enough_data, check_world, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "scripts" / "configs" / "tiny_cpu.toml"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +77,14 @@ def test_too_small_data_names_found_held_out_and_needed(photos, tmp_path):
 def test_a_second_run_on_a_held_folder_is_refused(photos, tmp_path):
     run = tmp_path / "run"
     with run_lock(Accelerator(), run):
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
         with pytest.raises(
             ConfigError,
             match=rf"^{re.escape(str(run))} is in use by another training run \(pid {os.getpid()}\)",
         ):
             tv.main(config(photos, run))
     assert not list(run.glob("checkpoint-*"))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     tv.main(config(photos, run))  # released: the next run goes ahead
     assert (run / "checkpoint-0000002").is_dir()
 
@@ -117,7 +108,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with run_lock(Accelerator(), run):  # the kernel dropped the dead process's lock
         pass
 

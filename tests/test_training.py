@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from _accelerate import fresh_accelerate, reset_accelerate  # noqa: F401 - fresh_accelerate is autouse
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -44,19 +44,6 @@ def photos(tmp_path_factory) -> Path:
         sub.mkdir(exist_ok=True)
         im.save(sub / f"img{i:02d}.{'png' if i % 2 else 'jpg'}")
     return folder
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """Each in-process run gets its own Accelerate state (mixed precision etc. are process-global)."""
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def config(photos: Path, out: Path, *overrides: tuple[str, str]):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..images import (
     ImageError,
@@ -118,6 +118,22 @@ class EpochSampler(Sampler):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         for index in torch.randperm(self.num_items, generator=generator).tolist():
             yield index, mix_seed(self.seed, self.epoch, index)
+
+
+def epoch_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """The trainers' DataLoader: :class:`EpochSampler` order, whole batches only.
+
+    Items are (index, seed) pairs, so each epoch's crops or posterior samples are the same after a resume.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        num_workers=num_workers,
+        drop_last=True,
+        # Its own generator: creating a DataLoader iterator must not consume the global RNG (exact resumes).
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def validation_files(

@@ -278,10 +278,8 @@ def _run(
         accelerator.wait_for_everyone()
 
     # ----------------------------------------------------------------------------------- loop
-    items_per_step = global_batch * train.grad_accum
     window_ok = True  # no non-finite loss in the current accumulation window
-    # Since the last log line: log sums over micro-batches, optimizer steps, compute seconds, wall clock.
-    sums, count, steps_since_log, compute_time, t_log = defaultdict(float), 0, 0, 0.0, time.perf_counter()
+    meter = _LogMeter(objective, items_per_step=global_batch * train.grad_accum)
     bar = tqdm(
         total=train.max_steps, initial=run.step, disable=not accelerator.is_local_main_process, desc="train"
     )
@@ -290,59 +288,29 @@ def _run(
             for batch in run.epoch_batches(accelerator, objective.loader):
                 t0 = time.perf_counter()
                 run.batch += 1
-                step = run.step  # optimizer steps done before this one: LDM's global_step
                 generator = torch.Generator(accelerator.device).manual_seed(
                     mix_seed(train.seed, rank, run.epoch, run.batch)
                 )
+                # run.step: optimizer steps done before this one (LDM's global_step).
                 with accelerator.accumulate(*modules):
-                    out = objective.loss(batch, generator, step)
-                    ok = not nonfinite_anywhere(accelerator, *out.losses)
-                    if ok:
-                        for loss in out.losses:
-                            if loss is not None:
-                                accelerator.backward(loss)
+                    out, ok = _micro_step(accelerator, objective, batch, generator, run.step)
                     window_ok &= ok
                     if accelerator.sync_gradients:
-                        if window_ok:
-                            objective.apply_gradients(step)
-                            if ema is not None:
-                                ema.update(objective.model)
-                        for scheduler in objective.schedulers:
-                            scheduler.step()
-                        # Zeroed after each window (Accelerate ignores zero_grad inside one): every optimizer
-                        # starts its next backward from clean gradients, also after a skipped window.
-                        for optimizer in objective.optimizers:
-                            optimizer.zero_grad(set_to_none=True)
-                compute_time += time.perf_counter() - t0
-                if ok:
-                    for k, v in out.logs.items():
-                        sums[k] += float(v)
-                    count += 1
+                        _end_window(objective, ema, window_ok, run.step)
+                meter.add(out.logs if ok else None, time.perf_counter() - t0)
                 if not accelerator.sync_gradients:
                     continue
 
                 # ------------------------------------------------------------------- one optimizer step done
                 streak = run.count_step(window_ok, metrics, train.max_nonfinite, ckpts.latest())
-                step, window_ok = run.step, True
-                steps_since_log += 1
-                if count and due(step, train.log_every, train):
-                    per_s = items_per_step * steps_since_log / (time.perf_counter() - t_log)
-                    values = {f"train/{k}": v / count for k, v in sums.items()}
-                    values.update(
-                        {
-                            "train/lr": objective.schedulers[0].get_last_lr()[0],
-                            f"train/{objective.unit}_per_s": per_s,
-                        }
-                    )
-                    values["train/step_time"] = compute_time / steps_since_log  # excludes data loading
-                    metrics.log(values, step)
-                    bar.set_postfix(
-                        {objective.progress_key: f"{values[f'train/{objective.progress_key}']:.4g}"}
-                    )
-                    sums, count, steps_since_log, compute_time = defaultdict(float), 0, 0, 0.0
-                    t_log = time.perf_counter()
+                window_ok = True
+                meter.steps += 1
+                if meter.count and due(run.step, train.log_every, train):
+                    values = meter.flush()
+                    metrics.log(values, run.step)
+                    bar.set_postfix({objective.progress_key: f"{values[meter.progress]:.4g}"})
                 bar.update(1)
-                if after_step(step, streak, train, validate, save_checkpoint):
+                if after_step(run.step, streak, train, validate, save_checkpoint):
                     break
             else:
                 run.next_epoch()
@@ -350,17 +318,80 @@ def _run(
         bar.close()
     if not train.val_every or run.step % train.val_every:
         validate()
+    return _export(accelerator, objective, ema, run_dir / objective.export_name, train.export_ema)
 
-    # ----------------------------------------------------------------------------------- export
-    export_dir = run_dir / objective.export_name
+
+def _micro_step(
+    accelerator: Accelerator, objective: Objective, batch: Any, generator: torch.Generator, step: int
+) -> tuple[StepOutput, bool]:
+    """The objective's losses of one micro-batch, backpropagated unless any rank saw a non-finite one."""
+    out = objective.loss(batch, generator, step)
+    ok = not nonfinite_anywhere(accelerator, *out.losses)
+    if ok:
+        for loss in out.losses:
+            if loss is not None:
+                accelerator.backward(loss)
+    return out, ok
+
+
+def _end_window(objective: Objective, ema: ModelEMA | None, window_ok: bool, step: int) -> None:
+    """The optimizer step that closes an accumulation window (skipped after a non-finite loss)."""
+    if window_ok:
+        objective.apply_gradients(step)
+        if ema is not None:
+            ema.update(objective.model)
+    for scheduler in objective.schedulers:
+        scheduler.step()
+    # Zeroed after each window (Accelerate ignores zero_grad inside one): every optimizer starts its next
+    # backward from clean gradients, also after a skipped window.
+    for optimizer in objective.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+class _LogMeter:
+    """What happened since the last log line: log sums over finite micro-batches, optimizer steps, compute
+    seconds and the wall clock."""
+
+    def __init__(self, objective: Objective, items_per_step: int) -> None:
+        self.objective, self.items_per_step = objective, items_per_step
+        self.progress = f"train/{objective.progress_key}"
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count, self.steps, self.compute, self.start = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, logs: dict[str, Tensor] | None, seconds: float) -> None:
+        self.compute += seconds
+        if logs is not None:
+            for k, v in logs.items():
+                self.sums[k] += float(v)
+            self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        """The means since the last line, the learning rate and the throughput; starts a new interval."""
+        values = {f"train/{k}": v / self.count for k, v in self.sums.items()}
+        values["train/lr"] = self.objective.schedulers[0].get_last_lr()[0]
+        per_s = self.items_per_step * self.steps / (time.perf_counter() - self.start)
+        values[f"train/{self.objective.unit}_per_s"] = per_s
+        values["train/step_time"] = self.compute / self.steps  # excludes data loading
+        self._reset()
+        return values
+
+
+def _export(
+    accelerator: Accelerator, objective: Objective, ema: ModelEMA | None, export_dir: Path, export_ema: bool
+) -> Path:
+    """The objective's export (main process; EMA weights when configured) and every rank's weight digests."""
     if accelerator.is_main_process:
-        use_ema = ema is not None and train.export_ema
+        use_ema = ema is not None and export_ema
         with ema.applied(objective.model) if use_ema else nullcontext():
             objective.export(export_dir)
         accelerator.print(f"exported {'EMA' if use_ema else 'raw'} weights to {export_dir}")
     # Every rank reports: data-parallel training must have kept the weights identical everywhere.
     named = objective.digest_modules()
     digests = " ".join(f"{n}={weights_digest(m)}" for n, m in named.items() if list(m.parameters()))
+    rank, world = accelerator.process_index, accelerator.num_processes
     print(f"[rank {rank}/{world}] weights sha256 {digests}", flush=True)
     accelerator.wait_for_everyone()
     return export_dir

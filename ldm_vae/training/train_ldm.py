@@ -28,7 +28,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
 from ..autoencoder_kl import AutoencoderKL
@@ -48,7 +47,7 @@ from ..ldm import (
     vlb_bits_per_dim,
 )
 from .config import ConfigError, OptimConfig, TrainConfig, parse_command_line
-from .data import EpochSampler
+from .data import epoch_loader
 from .ema import ModelEMA
 from .loop import NonFiniteLossError
 from .optim import build_optimizer, build_scheduler, learning_rates
@@ -189,15 +188,7 @@ class DiffusionObjective:
             self.unet.enable_gradient_checkpointing()
         self.noise = build_noise_scheduler(cfg.diffusion)
         self.batch_size = cfg.data.batch_size
-        # The sampler yields (index, seed) pairs: each epoch's posterior samples are the same after a resume.
-        self.loader = DataLoader(
-            train_set,
-            batch_size=cfg.data.batch_size,
-            sampler=EpochSampler(len(train_set), cfg.train.seed),
-            num_workers=cfg.data.num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
+        self.loader = epoch_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
         lr, _ = learning_rates(cfg.optim, cfg.data.batch_size, cfg.train.grad_accum, world)
         self.optimizer = build_optimizer(self.unet.parameters(), cfg.optim, lr)
         self.schedulers = [build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)]

@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
 from ..autoencoders import AUTOENCODERS
@@ -33,7 +32,7 @@ from ..interface import Autoencoder
 from ..losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
 from ..metrics import psnr, ssim
 from .config import ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
-from .data import EpochSampler, ImageFolderDataset, list_images, load_validation_images, validation_files
+from .data import ImageFolderDataset, epoch_loader, list_images, load_validation_images, validation_files
 from .ema import ModelEMA
 from .loop import NonFiniteLossError
 from .optim import build_optimizer, build_scheduler, learning_rates
@@ -154,15 +153,7 @@ class VAEObjective:
             )
         self.val_images = load_validation_images(val_files, cfg.data.resolution).to(device)
         self.batch_size = cfg.data.batch_size
-        self.loader = DataLoader(
-            dataset,
-            batch_size=cfg.data.batch_size,
-            sampler=EpochSampler(len(dataset), cfg.train.seed),
-            num_workers=cfg.data.num_workers,
-            drop_last=True,
-            # Its own generator: creating a DataLoader iterator must not consume the global RNG (exact resumes).
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
+        self.loader = epoch_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
         lr_ae, lr_d = learning_rates(cfg.optim, cfg.data.batch_size, cfg.train.grad_accum, world)
         # The learned log-variance is the loss's, outside the model: it is in the autoencoder's optimizer.
         ae_params = [
