@@ -18,7 +18,7 @@ from .config import PRESETS, AutoencoderKLConfig
 from .distributions import DiagonalGaussian
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
-from .tiling import run
+from .tiling import tiled_forward
 
 
 class AutoencoderKL(PretrainedMixin, nn.Module):
@@ -52,7 +52,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         """
         check_input(x, self.config.in_channels, "images")
         x = self._to_model(x)
-        h = run(self.encoder, x, tile_size, 1, max_memory)  # (B, 2z, h, w)
+        h = tiled_forward(self.encoder, x, tile_size, 1, max_memory)  # (B, 2z, h, w)
         moments = self.quant_conv(h) if self.quant_conv is not None else h
         return DiagonalGaussian(moments.float())
 
@@ -87,7 +87,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     def _decode(self, z: Tensor, tile_size: int | None, max_memory: int | None) -> Tensor:
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
-        return run(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
+        return tiled_forward(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None

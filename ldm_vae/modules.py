@@ -4,7 +4,8 @@ Module and parameter names are diffusers' (``down_blocks.i.resnets.j.norm1``, ``
 so ``state_dict()`` is a diffusers ``AutoencoderKL``/``VQModel`` state dict with no renaming.
 
 Each network is a flat list of :class:`Unit` s. ``forward`` runs them in order; the exact tiler
-(:mod:`ldm_vae.tiling`) runs the same units over tiles, which is why the sequence is data, not code.
+(:mod:`ldm_vae.tiling`) runs the same units over tiles, which is why the sequence is data, not code. The tiler
+hands each call its GroupNorm statistics as an argument (a :data:`NormProvider`); it sets nothing on the modules.
 """
 
 from __future__ import annotations
@@ -32,19 +33,25 @@ class Architecture(Protocol):
     mid_block_add_attention: bool
 
 
+NormProvider = Callable[["GroupNorm", Tensor], Tensor]
+"""``provider(norm, x)`` -> ``x`` normalized (affine included) with statistics the caller chose.
+
+The exact tiler passes one per tile, so that each norm uses whole-image statistics, not its tile's.
+"""
+
+
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` with an optional fused SiLU and a hook the exact tiler uses to supply global statistics."""
+    """``nn.GroupNorm`` with an optional fused SiLU and optional caller-supplied statistics."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = EPS) -> None:
         super().__init__(num_groups, num_channels, eps=eps)
-        # Set by ldm_vae.tiling while a tiled pass runs: maps (module, x) -> normalized x.
-        self.stats_hook: Callable[[GroupNorm, Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor, act: bool = False) -> Tensor:
-        if self.stats_hook is not None:
-            y = self.stats_hook(self, x)
-        else:
+    def forward(self, x: Tensor, act: bool = False, stats: NormProvider | None = None) -> Tensor:
+        """Normalizes ``x`` over its own positions, or as ``stats(self, x)`` when a provider is given."""
+        if stats is None:  # the normal path: one fused op, no state read beyond the parameters
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        else:
+            y = stats(self, x)
         if act:
             # group_norm's output is a fresh tensor that its backward does not need, but silu's backward
             # needs its input, so only overwrite it when no graph is being recorded.
@@ -76,9 +83,15 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x, act=True))  # (B, C_out, H, W)
-        h = self.norm2(h, act=True)
+    def forward(self, x: Tensor, stats: NormProvider | None = None) -> Tensor:
+        """Residual block on x (B, C_in, H, W) -> (B, C_out, H, W).
+
+        Args:
+            x: input activation.
+            stats: normalization provider for both norms; None normalizes over x's own positions.
+        """
+        h = self.conv1(self.norm1(x, act=True, stats=stats))  # (B, C_out, H, W)
+        h = self.norm2(h, act=True, stats=stats)
         if self.conv2.weight.is_contiguous(memory_format=torch.channels_last) and not torch.is_grad_enabled():
             # Fast inference layout: the residual add rides on conv2 (oneDNN's binary post-op), which saves
             # a full pass over the activation and an allocation.
@@ -215,14 +228,15 @@ class Unit:
     """One step of a network, as the exact tiler sees it.
 
     Attributes:
-        fn: the computation.
+        fn: the computation, ``fn(x)``; when ``norms`` is non-empty and the unit is not global,
+            ``fn(x, stats)`` takes a :data:`NormProvider` for those norms too.
         scale: output resolution / input resolution (0.5, 1 or 2).
         convs: 3x3 convolutions in ``fn``; each spreads a tile edge's error by one pixel (the tiler counts it
             at the coarser of the unit's input and output resolutions, which is conservative).
         is_global: needs every position at once (attention), so it is never tiled.
     """
 
-    fn: Callable[[Tensor], Tensor]
+    fn: Callable[..., Tensor]
     scale: float = 1.0
     convs: int = 0
     is_global: bool = False
@@ -233,6 +247,15 @@ class Unit:
         """A unit running ``module``, with its GroupNorms listed."""
         norms = tuple(m for m in module.modules() if isinstance(m, GroupNorm))
         return cls(module, norms=norms, **kwargs)
+
+    def __call__(self, x: Tensor, stats: NormProvider | None = None) -> Tensor:
+        """Runs ``fn`` on ``x``, with ``stats`` for its GroupNorms when given."""
+        if stats is None or not self.norms:  # convolutions, resampling: nothing to normalize
+            return self.fn(x)
+        if self.is_global:
+            # Attention normalizes all positions at once, so its own statistics already are the global ones.
+            raise ValueError("a global unit runs untiled and takes no normalization provider")
+        return self.fn(x, stats)
 
 
 def _mid_units(mid: MidBlock) -> list[Unit]:
@@ -252,7 +275,7 @@ class _Sequential(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for unit in self.units():
-            x = checkpoint(unit.fn, x, use_reentrant=False) if ckpt else unit.fn(x)
+            x = checkpoint(unit, x, use_reentrant=False) if ckpt else unit(x)
         return x
 
 
@@ -271,8 +294,8 @@ class Encoder(_Sequential):
         self.conv_norm_out = GroupNorm(groups, chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
-    def _head(self, x: Tensor) -> Tensor:
-        return self.conv_out(self.conv_norm_out(x, act=True))  # (B, out_channels, h, w)
+    def _head(self, x: Tensor, stats: NormProvider | None = None) -> Tensor:
+        return self.conv_out(self.conv_norm_out(x, act=True, stats=stats))  # (B, out_channels, h, w)
 
     def units(self) -> list[Unit]:
         units = [Unit.of(self.conv_in, convs=1)]  # (B, chans[0], H, W)
@@ -299,8 +322,8 @@ class Decoder(_Sequential):
         self.conv_norm_out = GroupNorm(groups, chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
-    def _head(self, x: Tensor) -> Tensor:
-        return self.conv_out(self.conv_norm_out(x, act=True))  # (B, out_channels, H, W)
+    def _head(self, x: Tensor, stats: NormProvider | None = None) -> Tensor:
+        return self.conv_out(self.conv_norm_out(x, act=True, stats=stats))  # (B, out_channels, H, W)
 
     def units(self) -> list[Unit]:
         units = [Unit.of(self.conv_in, convs=1), *_mid_units(self.mid_block)]  # (B, chans[0], h, w)

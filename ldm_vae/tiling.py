@@ -12,6 +12,10 @@ shows as seams and tone shifts. Here the result equals the untiled one up to flo
 The network is a list of units (:class:`ldm_vae.modules.Unit`). Full-size activations ("stores") are kept only
 where they fit the memory budget; between stores, a GroupNorm's statistics are found by a pass over all tiles
 that stops at that norm, so high-resolution stretches are recomputed from the last store instead of stored.
+
+Each tile's units are called with a normalization provider (:class:`_TileNorms`: the run and that tile's
+geometry) that their GroupNorms call instead of normalizing over the tile. All state lives in the run and its
+providers; nothing is set on the shared modules, so concurrent or nested runs on one model do not interfere.
 """
 
 from __future__ import annotations
@@ -83,7 +87,16 @@ class _HeapTrimmer:
 
 
 class _StopPass(Exception):
-    """Raised by a GroupNorm whose statistics are being collected: the rest of the tile is not needed."""
+    """Raised by a tile's provider once it has summed the input of the norm being collected.
+
+    The rest of the tile's units are not needed, and the units are opaque callables, so unwinding out of them
+    is the way to stop. The exception names its run: only that run's ``_tiles`` catches it, so it can never
+    end a pass of another (nested) run.
+    """
+
+    def __init__(self, run: _TiledRun) -> None:
+        super().__init__()
+        self.run = run
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ class _Span:
     last: bool  # reaches the end of the image (owns the remainder of every resolution's rows/columns)
 
 
-def run(
+def tiled_forward(
     net: nn.Module,
     x: Tensor,
     tile_size: int | None,
@@ -159,6 +172,11 @@ def _out_size(n: int, units: list[Unit]) -> int:
 
 
 class _TiledRun:
+    """One exact tiled run of ``units``: the collected statistics, the pass in progress, the heap trimmer.
+
+    Created per call of :func:`tiled_forward` and never shared, so it is the only mutable state of a run.
+    """
+
     def __init__(self, units: list[Unit], tile_size: int, pixels_per_input: int, store_budget: int) -> None:
         self.units, self.tile_size, self.store_budget = units, tile_size, store_budget
         # Image pixels per feature pixel at each unit's input (and, at the end, the output).
@@ -170,32 +188,25 @@ class _TiledRun:
         self.norm_factor = {
             n: self.factors[i] for i, u in enumerate(units) if not u.is_global for n in u.norms
         }
-        self.collecting: GroupNorm | None = None
-        self.sums: dict[GroupNorm, list[Tensor]] = {}
+        self.collecting: GroupNorm | None = None  # the norm whose statistics the current pass sums
+        self.sums: dict[GroupNorm, list[Tensor]] = {}  # norm -> [count, sum, sum of squares], each (B, G)
         self.trim_heap = _HeapTrimmer()
 
     # ----------------------------------------------------------------------------------------- driver
 
     def __call__(self, x: Tensor) -> Tensor:
         store, start = x, 0  # store = activation at the input of units[start]
-        norms = list(self.norm_factor)
-        for norm in norms:
-            norm.stats_hook = self._hook
-        try:
-            for i, unit in enumerate(self.units):
-                if unit.is_global:
-                    store = self._materialize(store, start, i) if start < i else store
-                    store, start = unit.fn(store), i + 1
-                    continue
-                for norm in unit.norms:
-                    self._collect(store, start, i + 1, norm)
-                out_bytes = _numel_after(store, self.units[start : i + 1]) * store.element_size()
-                if store.numel() * store.element_size() + out_bytes <= self.store_budget:
-                    store, start = self._materialize(store, start, i + 1), i + 1
-            return self._materialize(store, start, len(self.units)) if start < len(self.units) else store
-        finally:
-            for norm in norms:
-                norm.stats_hook = None
+        for i, unit in enumerate(self.units):
+            if unit.is_global:
+                store = self._materialize(store, start, i) if start < i else store
+                store, start = unit(store), i + 1  # all positions at once: the norm's own stats are global
+                continue
+            for norm in unit.norms:
+                self._collect(store, start, i + 1, norm)
+            out_bytes = _numel_after(store, self.units[start : i + 1]) * store.element_size()
+            if store.numel() * store.element_size() + out_bytes <= self.store_budget:
+                store, start = self._materialize(store, start, i + 1), i + 1
+        return self._materialize(store, start, len(self.units)) if start < len(self.units) else store
 
     # ----------------------------------------------------------------------------------------- passes
 
@@ -246,13 +257,15 @@ class _TiledRun:
         cols = self._spans(store.shape[-1], units, tile_out, ratio, halo)
         for ys in rows:
             for xs in cols:
-                self.tile = (ys, xs, f_in, f_out)
+                norms = _TileNorms(self, ys, xs, f_in, f_out)
                 crop = store[..., ys.in0 : ys.in1, xs.in0 : xs.in1]
                 try:
                     y = crop
                     for u in units:
-                        y = u.fn(y)
-                except _StopPass:
+                        y = u(y, norms)
+                except _StopPass as stop:
+                    if stop.run is not self:
+                        raise
                     continue
                 finally:
                     self.trim_heap()
@@ -271,35 +284,48 @@ class _TiledRun:
             spans.append(_Span(o0, o1, i0, i1, last=o1 == n_out))
         return spans
 
-    # ----------------------------------------------------------------------------------------- norms
 
-    def _own_region(self, norm: GroupNorm, x: Tensor) -> tuple[slice, slice]:
-        """The part of ``x`` (this tile's input to ``norm``) that the tile owns, in x's local coordinates."""
-        ys, xs, f_in, f_out = self.tile
-        f_norm = self.norm_factor[norm]
-        slices = []
-        for span, n_local in ((ys, x.shape[-2]), (xs, x.shape[-1])):
-            g0 = round(span.in0 * f_in / f_norm)  # global index of x's first row at the norm's resolution
-            own0 = round(span.out0 * f_out / f_norm)
-            own1 = g0 + n_local if span.last else round(span.out1 * f_out / f_norm)
-            slices.append(slice(own0 - g0, own1 - g0))
-        return slices[0], slices[1]
+class _TileNorms:
+    """Normalization provider for one tile of one run (a :data:`ldm_vae.modules.NormProvider`).
 
-    def _hook(self, norm: GroupNorm, x: Tensor) -> Tensor:
-        if norm in self.stats:
-            mean, rstd = self.stats[norm]
+    A norm whose statistics the run has applies them; the norm being collected adds its input over the tile's
+    own region to the run's sums and stops the tile's pass (:class:`_StopPass`).
+    """
+
+    __slots__ = ("cols", "f_in", "f_out", "rows", "run")
+
+    def __init__(self, run: _TiledRun, rows: _Span, cols: _Span, f_in: float, f_out: float) -> None:
+        self.run, self.rows, self.cols = run, rows, cols
+        self.f_in, self.f_out = f_in, f_out  # image pixels per pixel of the pass's input and output
+
+    def __call__(self, norm: GroupNorm, x: Tensor) -> Tensor:
+        run = self.run
+        if norm in run.stats:
+            mean, rstd = run.stats[norm]
             return _group_norm_with_stats(x, norm, mean, rstd)
-        if norm is not self.collecting:
+        if norm is not run.collecting:
             raise RuntimeError("exact tiling reached a GroupNorm before its statistics were collected")
         ry, rx = self._own_region(norm, x)
         own = x[..., ry, rx].to(torch.float64)
         b = own.shape[0]
         own = own.reshape(b, norm.num_groups, -1)
-        n, s, sq = self.sums[norm]
+        n, s, sq = run.sums[norm]
         n += own.shape[-1]
         s += own.sum(-1)
         sq += own.square().sum(-1)
-        raise _StopPass
+        raise _StopPass(run)
+
+    def _own_region(self, norm: GroupNorm, x: Tensor) -> tuple[slice, slice]:
+        """The part of ``x`` (this tile's input to ``norm``) that the tile owns, in x's local coordinates."""
+        f_norm = self.run.norm_factor[norm]
+        slices = []
+        for span, n_local in ((self.rows, x.shape[-2]), (self.cols, x.shape[-1])):
+            # Global index of x's first row (column) at the norm's resolution.
+            g0 = round(span.in0 * self.f_in / f_norm)
+            own0 = round(span.out0 * self.f_out / f_norm)
+            own1 = g0 + n_local if span.last else round(span.out1 * self.f_out / f_norm)
+            slices.append(slice(own0 - g0, own1 - g0))
+        return slices[0], slices[1]
 
 
 def _group_norm_with_stats(x: Tensor, norm: GroupNorm, mean: Tensor, rstd: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from .checks import check_input
 from .config import VQ_PRESETS, VQConfig
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
-from .tiling import run
+from .tiling import tiled_forward
 
 
 @dataclass
@@ -197,7 +197,7 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
     def encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> pre-quantization latents (B, embed_dim, H/f, W/f), float32."""
         check_input(x, self.config.in_channels, "images")
-        h = run(self.encoder, self._to_model(x), tile_size, 1, max_memory)
+        h = tiled_forward(self.encoder, self._to_model(x), tile_size, 1, max_memory)
         return self.quant_conv(h).float()
 
     def quantize_latents(self, h: Tensor) -> tuple[Tensor, VQInfo]:
@@ -208,7 +208,7 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         """Quantized latents (B, embed_dim, h, w) -> images (B, C, h*f, w*f), float32."""
         check_input(z_q, self.config.embed_dim, "latents")
         z = self.post_quant_conv(self._to_model(z_q))
-        return run(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
+        return tiled_forward(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
     def encode_latents(
         self,

@@ -1,11 +1,15 @@
 """Exact tiling: tiled encode/decode equal the untiled result up to float rounding."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 from ldm_vae import AutoencoderKL, AutoencoderKLConfig, VQAutoencoder, tiling
 from ldm_vae.config import PRESETS
 from ldm_vae.metrics import psnr
+from ldm_vae.modules import GroupNorm
 
 THREE_LEVELS = AutoencoderKLConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
@@ -90,12 +94,98 @@ def test_max_memory_picks_a_tile_size():
         vae.decode(torch.zeros(1, 4, 4, 4), tile_size=4)
 
 
-def test_grad_mode_is_restored_and_hooks_removed():
+def test_grad_mode_is_restored():
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained("tiny")
     vae.decode(torch.randn(1, 4, 12, 12), tile_size=8)
-    assert all(getattr(m, "stats_hook", None) is None for m in vae.modules())
     assert torch.is_grad_enabled()
+
+
+def _module_state(model: torch.nn.Module) -> dict[str, dict[str, object]]:
+    """Every module's attributes, and its parameter/buffer/submodule tables, by identity."""
+    state = {}
+    for name, m in model.named_modules():
+        attrs = dict(vars(m))
+        for table in ("_parameters", "_buffers", "_modules"):
+            attrs.update({f"{table}.{k}": v for k, v in attrs[table].items()})
+        state[name] = attrs
+    return state
+
+
+def _same_state(a: dict[str, dict[str, object]], b: dict[str, dict[str, object]]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys() and all(a[n][k] is b[n][k] for k in a[n]) for n in a
+    )
+
+
+@torch.no_grad()
+def test_tiled_run_sets_nothing_on_the_modules(monkeypatch):
+    """The statistics travel as arguments: no module attribute is set, even while the run is in progress."""
+    monkeypatch.setattr(tiling, "DEFAULT_STORE_BUDGET", 1)  # many statistics passes
+    torch.manual_seed(0)
+    vae = AutoencoderKL(PRESETS["tiny"]).eval()
+    before = _module_state(vae)
+    checks = {}
+    apply_stats = tiling._group_norm_with_stats
+
+    def checking(x, norm, mean, rstd):
+        if norm not in checks:  # once per norm: a snapshot of every module is slow
+            checks[norm] = _same_state(_module_state(vae), before)
+        return apply_stats(x, norm, mean, rstd)
+
+    monkeypatch.setattr(tiling, "_group_norm_with_stats", checking)
+    vae.decode(torch.randn(1, 4, 16, 16), tile_size=8)
+    vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1, tile_size=8)
+    norms = [m for m in vae.modules() if isinstance(m, GroupNorm)]
+    assert len(checks) == len(norms) - 2 and all(checks.values())  # all but the attentions' norms
+    assert _same_state(_module_state(vae), before)
+    assert not any(hasattr(m, "stats_hook") for m in vae.modules() if isinstance(m, GroupNorm))
+
+
+@torch.no_grad()
+def test_concurrent_tiled_runs_on_one_model(monkeypatch):
+    """Two threads tile with the same model at once; each gets its own untiled result."""
+    monkeypatch.setattr(tiling, "DEFAULT_STORE_BUDGET", 1)  # every norm's statistics from a pass over tiles
+    torch.manual_seed(0)
+    vae = AutoencoderKL(PRESETS["tiny"]).eval()
+    # Different statistics per thread, so a run that used the other's would be visibly off.
+    zs = [torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16) * 3 + 1]
+    xs = [torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 0.5]
+    refs = [(vae.decode(z), vae.encode(x).mean) for z, x in zip(zs, xs, strict=True)]
+    barrier = threading.Barrier(2, timeout=60)
+
+    def work(i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                for _ in range(2):
+                    barrier.wait()  # start each round together, so the runs overlap
+                    out.append((vae.decode(zs[i], tile_size=8), vae.encode(xs[i], tile_size=8).mean))
+        except Exception:
+            barrier.abort()  # a failed run must not leave the other thread waiting
+            raise
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    for out, (ref_dec, ref_enc) in zip(results, refs, strict=True):
+        for dec, enc in out:
+            check_close(dec, ref_dec)
+            check_close(enc, ref_enc)
+
+
+@torch.no_grad()
+def test_fast_path_tiled():
+    """channels_last (fused conv+residual, sub-pixel upsample) and bf16 tile like the reference layout."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(THREE_LEVELS).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 40, 56) * 2 - 1
+    z = torch.randn(1, 4, 10, 14)
+    check_close(vae.encode(x, tile_size=16).mean, vae.encode(x).mean)
+    check_close(vae.decode(z, tile_size=16), vae.decode(z))
+    vae.to_runtime("bf16")
+    ref = vae.decode(z)
+    assert psnr(vae.decode(z, tile_size=16), ref, data_range=float(ref.max() - ref.min())).min() >= 40
 
 
 def test_heap_is_trimmed_only_past_the_slack(monkeypatch):
