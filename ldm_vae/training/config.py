@@ -279,39 +279,15 @@ def _coerce(value: Any, tp: Any, where: str, from_cli: bool) -> Any:
     """Checks (file values) or parses (command-line text) ``value`` as type ``tp``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return build_config(tp, value, where)
+        return value if isinstance(value, tp) else build_config(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if type(None) in args and (value is None or (from_cli and str(value).lower() in ("none", "null"))):
-            return None
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, where, from_cli)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+        return _coerce_union(value, args, where, from_cli)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if origin is tuple:
-        items = value
-        if from_cli and isinstance(value, str):
-            items = [] if not value.strip() else _yaml_scalar(value)
-            items = items if isinstance(items, list) else [items]
-        if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        item_types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(item_types) != len(items):
-            raise ConfigError(f"{where} must have {len(item_types)} items, got {len(items)}")
-        text_items = from_cli and isinstance(value, str)
-        return tuple(
-            _coerce(str(v) if text_items else v, t, f"{where}[{i}]", text_items)
-            for i, (v, t) in enumerate(zip(items, item_types, strict=True))
-        )
+        return _coerce_tuple(value, args, where, from_cli)
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table, got {value!r}")
@@ -319,31 +295,70 @@ def _coerce(value: Any, tp: Any, where: str, from_cli: bool) -> Any:
     if tp is Any:
         return value
     if tp is bool:
-        if from_cli and isinstance(value, str) and value.lower() in _BOOLS:
-            return _BOOLS[value.lower()]
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return _coerce_bool(value, where, from_cli)
     if tp in (int, float):
-        if from_cli and isinstance(value, str):
-            try:
-                return tp(value)
-            except ValueError:
-                raise ConfigError(
-                    f"{where} must be {'an integer' if tp is int else 'a number'}, got {value!r}"
-                ) from None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (tp is int and isinstance(value, float))
-        ):
-            raise ConfigError(f"{where} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
-        return tp(value)
+        return _coerce_number(value, tp, where, from_cli)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported field type {tp!r}")  # a programming error in the dataclasses
+
+
+def _coerce_union(value: Any, args: tuple, where: str, from_cli: bool) -> Any:
+    """``X | None`` and other unions: None when allowed, else the first option that takes the value."""
+    if type(None) in args and (value is None or (from_cli and str(value).lower() in ("none", "null"))):
+        return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, option, where, from_cli)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0])
+
+
+def _coerce_tuple(value: Any, args: tuple, where: str, from_cli: bool) -> tuple:
+    """``tuple[T, ...]`` or a fixed ``tuple[A, B]``; command-line text is a YAML flow list or ``a,b``."""
+    items = value
+    text_items = from_cli and isinstance(value, str)
+    if text_items:
+        items = [] if not value.strip() else _yaml_scalar(value)
+        items = items if isinstance(items, list) else [items]
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where} must be a list, got {value!r}")
+    item_types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(item_types) != len(items):
+        raise ConfigError(f"{where} must have {len(item_types)} items, got {len(items)}")
+    return tuple(
+        _coerce(str(v) if text_items else v, t, f"{where}[{i}]", text_items)
+        for i, (v, t) in enumerate(zip(items, item_types, strict=True))
+    )
+
+
+def _coerce_bool(value: Any, where: str, from_cli: bool) -> bool:
+    if from_cli and isinstance(value, str) and value.lower() in _BOOLS:
+        return _BOOLS[value.lower()]
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _coerce_number(value: Any, tp: type, where: str, from_cli: bool) -> int | float:
+    """An int or float; a file's ``1.5`` is no integer, and ``true`` is no number."""
+    wanted = "an integer" if tp is int else "a number"
+    if from_cli and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be {wanted}, got {value!r}") from None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (tp is int and isinstance(value, float))
+    ):
+        raise ConfigError(f"{where} must be {wanted}, got {value!r}")
+    return tp(value)
 
 
 _BOOLS = {

@@ -144,21 +144,31 @@ def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device) -> Aut
 
 
 @torch.no_grad()
-def evaluate(unet: UNet2DModel, noise: DDPMScheduler, z: Tensor, cfg: SampleConfig) -> dict[str, float]:
+def evaluate(
+    unet: UNet2DModel, noise_scheduler: DDPMScheduler, z: Tensor, cfg: SampleConfig
+) -> dict[str, float]:
     """Held-out loss (fixed t and eps) and, with ``vlb_timesteps``, the bound and N(0, I) prior in bits/dim."""
     if not len(z):
         return {}
-    out = {"loss": diffusion_loss(unet, noise, z, torch.Generator(z.device).manual_seed(cfg.seed)).item()}
+    out = {
+        "loss": diffusion_loss(
+            unet, noise_scheduler, z, torch.Generator(z.device).manual_seed(cfg.seed)
+        ).item()
+    }
     if cfg.vlb_timesteps:
-        bound = vlb_bits_per_dim(unet, noise, z, cfg.vlb_timesteps, torch.Generator().manual_seed(cfg.seed))
+        bound = vlb_bits_per_dim(
+            unet, noise_scheduler, z, cfg.vlb_timesteps, torch.Generator().manual_seed(cfg.seed)
+        )
         out.update(bpd=bound["total"].mean().item(), prior_bpd=gaussian_bits_per_dim(z).mean().item())
     return out
 
 
 @torch.no_grad()
-def sample_grid(unet: UNet2DModel, noise: DDPMScheduler, vae: AutoencoderKL, cfg: SampleConfig) -> Tensor:
+def sample_grid(
+    unet: UNet2DModel, noise_scheduler: DDPMScheduler, vae: AutoencoderKL, cfg: SampleConfig
+) -> Tensor:
     """A grid (3, H, W) of ``num_images`` decoded samples, the same initial noise every time."""
-    scheduler = sampling_scheduler(noise, cfg.scheduler)
+    scheduler = sampling_scheduler(noise_scheduler, cfg.scheduler)
     generator = torch.Generator().manual_seed(cfg.seed)
     z = sample_latents(unet, scheduler, cfg.num_images, cfg.steps, generator, cfg.eta)  # (N, C, s, s)
     images = decode_latents(vae, z.to(vae.device)).cpu()  # (N, 3, s*f, s*f)
@@ -186,7 +196,7 @@ class DiffusionObjective:
             raise ConfigError(f"model: {e}") from None
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.noise = build_noise_scheduler(cfg.diffusion)
+        self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
         self.batch_size = cfg.data.batch_size
         self.loader = epoch_loader(train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
         lr, _ = learning_rates(cfg.optim, cfg.data.batch_size, cfg.train.grad_accum, world)
@@ -202,7 +212,7 @@ class DiffusionObjective:
 
     def loss(self, z: Tensor, generator: torch.Generator, step: int) -> StepOutput:
         """t and eps drawn from ``generator`` (seeded by the batch's position, so resumes are exact)."""
-        loss = diffusion_loss(self.wrapped, self.noise, z, generator)
+        loss = diffusion_loss(self.wrapped, self.noise_scheduler, z, generator)
         return StepOutput((loss,), {"loss": loss.detach()})
 
     def apply_gradients(self, step: int) -> None:
@@ -211,18 +221,21 @@ class DiffusionObjective:
     def validate(self, ema: ModelEMA | None) -> tuple[dict, Tensor]:
         model, cfg = self.model, self.cfg.sample
         model.eval()
-        values = {f"val/{k}": v for k, v in evaluate(model, self.noise, self.val_z, cfg).items()}
+        values = {f"val/{k}": v for k, v in evaluate(model, self.noise_scheduler, self.val_z, cfg).items()}
         with ema.applied(model) if ema is not None else nullcontext():
             if ema is not None:
                 values.update(
-                    {f"val/{k}_ema": v for k, v in evaluate(model, self.noise, self.val_z, cfg).items()}
+                    {
+                        f"val/{k}_ema": v
+                        for k, v in evaluate(model, self.noise_scheduler, self.val_z, cfg).items()
+                    }
                 )
-            grid = sample_grid(model, self.noise, self.vae, cfg)
+            grid = sample_grid(model, self.noise_scheduler, self.vae, cfg)
         model.train()
         return values, grid
 
     def export(self, folder: Path) -> None:
-        export_pipeline(self.vae, self.model, self.noise, folder, self.cfg.sample.export_dtype)
+        export_pipeline(self.vae, self.model, self.noise_scheduler, folder, self.cfg.sample.export_dtype)
 
     def state_tensors(self) -> dict[str, dict[str, Tensor]]:
         return {}
