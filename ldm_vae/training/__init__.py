@@ -1,5 +1,6 @@
-"""Reusable pieces of the training scripts (``scripts/train_vae.py``, the latent-diffusion trainer):
-typed configs with command-line overrides, image-folder data, EMA, atomic checkpoints, loop state, metrics logging."""
+"""Training: one runner (:mod:`.runner`) and its objectives (:mod:`.train_vae`, the autoencoder;
+:mod:`.train_ldm`, the latent DDPM), on shared pieces: typed configs with command-line overrides, image-folder
+data, EMA, atomic checkpoints, loop state, metrics logging. ``scripts/train_*.py`` are thin entry points."""
 
 from ..seeds import mix_seed
 from .checkpointing import CheckpointManager

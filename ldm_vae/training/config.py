@@ -200,6 +200,14 @@ def write_config(cfg: Any, path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------------------------- command line
 
 
+# Shortcut flags every trainer takes; each adds the one for its data (--data-dir, --latent-dir).
+RUN_ALIASES = {
+    "--output-dir": "train.output_dir",
+    "--max-steps": "train.max_steps",
+    "--resume": "train.resume",
+}
+
+
 def parse_command_line(
     cls: type[T], argv: Sequence[str] | None = None, aliases: Mapping[str, str] | None = None, prog: str = ""
 ) -> T:

@@ -46,19 +46,14 @@ from ..ldm import (
     sampling_scheduler,
     vlb_bits_per_dim,
 )
-from .config import ConfigError, OptimConfig, TrainConfig, parse_command_line
+from .config import RUN_ALIASES, ConfigError, OptimConfig, TrainConfig, parse_command_line
 from .data import epoch_loader
 from .ema import ModelEMA
 from .loop import NonFiniteLossError
 from .optim import build_optimizer, build_scheduler, learning_rates
 from .runner import StepOutput, check_enough_data, run_training
 
-ALIASES = {
-    "--latent-dir": "data.latent_dir",
-    "--output-dir": "train.output_dir",
-    "--max-steps": "train.max_steps",
-    "--resume": "train.resume",
-}
+ALIASES = {"--latent-dir": "data.latent_dir", **RUN_ALIASES}
 
 
 @dataclass(frozen=True)

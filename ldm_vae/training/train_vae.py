@@ -31,19 +31,14 @@ from ..images import ImageError
 from ..interface import Autoencoder
 from ..losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
 from ..metrics import psnr, ssim
-from .config import ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
+from .config import RUN_ALIASES, ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
 from .data import ImageFolderDataset, epoch_loader, list_images, load_validation_images, validation_files
 from .ema import ModelEMA
 from .loop import NonFiniteLossError
 from .optim import build_optimizer, build_scheduler, learning_rates
 from .runner import StepOutput, check_enough_data, run_training
 
-ALIASES = {
-    "--data-dir": "data.train_dir",
-    "--output-dir": "train.output_dir",
-    "--max-steps": "train.max_steps",
-    "--resume": "train.resume",
-}
+ALIASES = {"--data-dir": "data.train_dir", **RUN_ALIASES}
 
 
 @dataclass(frozen=True)
