@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .checks import check_input
-from .config import VQ_PRESETS, VQConfig
+from .config import VQ_PRESETS, VQConfig, build_model_config
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
 from .tiling import tiled_forward
@@ -178,7 +178,10 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
 
     def __init__(self, config: VQConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        config = dataclasses.replace(config or VQConfig(), **overrides)
+        if overrides:  # through the one builder: an unknown field is a one-line ConfigKeyError
+            base = config or VQConfig()
+            config = build_model_config(type(base), dataclasses.asdict(base), overrides, type(self).__name__)
+        config = config or VQConfig()
         self.config = config
         self.encoder = Encoder(config.in_channels, config.latent_channels, config)
         self.quant_conv = nn.Conv2d(config.latent_channels, config.embed_dim, 1)

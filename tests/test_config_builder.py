@@ -160,3 +160,12 @@ def test_the_trainer_reports_a_bad_model_override_as_one_config_line():
         tv.build_autoencoder(tv.ModelConfig(overrides={"scaling_fator": 0.2}), gradient_checkpointing=False)
     assert str(err.value).startswith("model.overrides: preset 'tiny': unknown config key 'scaling_fator'")
     assert "\n" not in str(err.value)
+
+
+def test_constructor_overrides_go_through_the_builder():
+    assert AutoencoderKL(latent_channels=8).config.latent_channels == 8
+    for cls, key in ((AutoencoderKL, "scaling_fator"), (VQAutoencoder, "num_codes")):
+        with pytest.raises(ConfigKeyError) as err:
+            cls(**{key: 1})
+        assert str(err.value).startswith(f"{cls.__name__}: unknown config key '{key}'")
+        assert "\n" not in str(err.value)
