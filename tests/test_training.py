@@ -393,7 +393,17 @@ def test_example_configs_load_with_their_recipes():
         4.5e-6,
         True,
     )
-    assert configs["vq_f8_scratch.toml"].model.kind == "vq"
+    assert (kl.train.grad_accum, kl.data.batch_size) == (2, 12)  # LDM: accumulate_grad_batches 2, batch 12
+    vq = configs["vq_f8_scratch.toml"]
+    assert vq.model.kind == "vq" and vq.model.overrides == {
+        "legacy": True
+    }  # taming's VectorQuantizer2 default
+    assert (vq.data.batch_size, vq.loss.disc_weight, vq.loss.disc_start, vq.loss.disc_num_layers) == (
+        10,
+        0.6,
+        1,
+        2,
+    )
     assert configs["tiny_cpu.toml"].loss.perceptual_weight == 0  # runs here: no LPIPS weights needed
     # The recipes autocast in bf16 only where the hardware runs it natively (resolved when training starts).
     assert {c.train.mixed_precision for n, c in configs.items() if n != "tiny_cpu.toml"} == {"auto"}
