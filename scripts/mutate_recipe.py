@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_recipe.py", "tests/test_losses.py"]
 VAE, LOSSES = "ldm_vae/training/train_vae.py", "ldm_vae/losses.py"
 GAN_TERM, D_LOSS = "d_weight * factor * g", "loss = self.disc_factor_at(step) * d_loss"
+SCALER_STEP = '            scaler.step(getattr(optimizer, "optimizer", optimizer))'
 ADAPTIVE = "d_weight = self.adaptive_weight(nll, g, last_layer)"
 NLL_WITHOUT_LPIPS = (
     "d_weight = self.adaptive_weight((pixel / torch.exp(self.logvar) + self.logvar).sum() / pixel.shape[0]"
@@ -68,6 +69,12 @@ MUTATIONS = [
         VAE,
         "            self.disc.requires_grad_(False)\n",
         "            pass\n",
+    ),
+    (
+        "fp16 scale updated after each optimizer (as Accelerate's wrapper does)",
+        VAE,
+        SCALER_STEP + "\n        scaler.update()",
+        SCALER_STEP + "\n            scaler.update()",
     ),
 ]
 

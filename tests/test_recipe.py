@@ -224,3 +224,21 @@ def test_kl_recipe_sums_lpips_over_pixels_and_the_adaptive_weight_sees_it():
         grads[1].norm() + 1e-4
     )
     assert abs(without.item() - want.item()) > 0.01 * want.item()  # the check above can tell them apart
+
+
+def test_fp16_scaler_unscales_both_optimizers_with_one_scale_and_updates_once(photos, tmp_path):
+    """With fp16 on a GPU, Accelerate's optimizer wrapper updates the GradScaler after each optimizer: the
+    discriminator would unscale with a scale the autoencoder's step had just grown. A CPU GradScaler shows it."""
+    obj = objective(photos, tmp_path, ("optim.warmup_steps", "0"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)  # grows 2x at every update
+    obj.accelerator.scaler = scaler
+    for optimizer in obj.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    g_loss, d_loss = obj.loss(batch(), generator(), step=0).losses
+    scaler.scale(g_loss).backward()
+    scaler.scale(d_loss).backward()
+    true_d = {n: p.grad / 4.0 for n, p in obj.disc.named_parameters()}
+    obj.apply_gradients(step=0)
+    for n, p in obj.disc.named_parameters():  # unscaled in place by the scale the gradients were made with
+        torch.testing.assert_close(p.grad, true_d[n], rtol=1e-6, atol=0)
+    assert scaler.get_scale() == 8.0  # one update per optimizer step, not one per optimizer

@@ -199,9 +199,19 @@ class VAEObjective:
         for p in self.loss_fn.trainable_parameters():
             if p.grad is not None:
                 p.grad = self.accelerator.reduce(p.grad, "mean")
-        self.opt_ae.step()
-        if self.gan_on(step):
-            self.opt_d.step()
+        optimizers = [self.opt_ae, self.opt_d] if self.gan_on(step) else [self.opt_ae]
+        scaler = self.accelerator.scaler
+        if scaler is None:
+            for optimizer in optimizers:
+                optimizer.step()
+            return
+        # fp16: one GradScaler scaled both losses. Accelerate's optimizer wrapper updates the scale after each
+        # optimizer's step, so the discriminator would unscale its gradients with a scale the autoencoder's step
+        # had just changed. Step both with the scale they were computed with, then update once (PyTorch AMP's
+        # recipe for several optimizers).
+        for optimizer in optimizers:
+            scaler.step(getattr(optimizer, "optimizer", optimizer))
+        scaler.update()
 
     def validate(self, ema: ModelEMA | None) -> tuple[dict, Tensor] | None:
         if not len(self.val_images):
