@@ -87,6 +87,14 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         posterior = self.encode(x, tile_size, max_memory)
         return posterior.sample(generator) if sample else posterior.mode()
 
+    def encode_moments(
+        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(E[z], E[z^2]) per element of the posterior samples ``encode_latents(x, sample=True)`` draws:
+        (mean, mean^2 + var), for latent statistics in closed form."""
+        posterior = self.encode(x, tile_size, max_memory)
+        return posterior.mean, posterior.mean.square() + posterior.var
+
     def _decode(self, z: Tensor, tile_size: int | None, max_memory: int | None) -> Tensor:
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z

@@ -131,6 +131,48 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .workflows import stats as st
+
+    out_dir = wf.output_dir(args.write) if args.write else None
+    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+        raise CLIError(f"{out_dir}: not empty; --write creates a new model folder")
+    device = wf.resolve_device(args.device)
+    if st.is_cache(args.data):
+        sums, manifest = st.cache_stats(args.data)
+        if manifest["model"] != args.model and Path(args.model).resolve() != Path(manifest["model"]):
+            print(
+                f"warning: {args.data} was encoded by {manifest['model']}, not {args.model}", file=sys.stderr
+            )
+        vae = wf.load_model(args.model, args.dtype, device)
+        is_main = True
+    else:
+        from accelerate import PartialState
+
+        files = st.stats_inputs(args.data)
+        state = PartialState(cpu=device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
+        if device.type == "cuda":
+            device = state.device
+        torch.manual_seed(0)  # a random-init preset is then the same model in every process
+        vae = wf.load_model(args.model, args.dtype, device)
+        sums = st.image_stats(
+            vae, files, args.resolution, args.views, args.seed, args.batch_size, args.tile_size,
+            state.process_index, state.num_processes,
+        )  # fmt: skip
+        sums.all_reduce()
+        is_main = state.is_main_process
+    stats = sums.stats()
+    if is_main:
+        print(st.format_stats(stats, *st.current_factors(vae)))
+        if out_dir is not None:
+            st.write_with_factors(vae, stats, out_dir, args.shift)
+            print(
+                f"wrote the model with the measured factors and latent_stats.json to {out_dir}",
+                file=sys.stderr,
+            )
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .ldm import load_pipeline, sampling_scheduler
 
@@ -215,6 +257,13 @@ CACHE_DETAILS = (
     "encodes it and stores the posterior mean and std in shard-NNNNN.safetensors files plus latents.json "
     "with the latent scale (1 / std of posterior samples). KL models only. "
     "Rerunning skips finished shards; under `accelerate launch -m ldm_vae.cli` processes share the shards."
+)
+STATS_DETAILS = (
+    "Moments of the latents z a diffusion model trains on, over an image folder (center crops and --views as "
+    "cache-latents makes them; KL posteriors in closed form, float64 sums) or a cache-latents folder: the global "
+    "std (scaling_factor = 1 / std, LDM's scale_by_std), the global mean (shift_factor) and per-channel means "
+    "and stds (latents_mean / latents_std), next to the model's factors. Under `accelerate launch -m ldm_vae.cli` "
+    "processes split the images."
 )
 SAMPLE_DETAILS = (
     "Writes sample-NNNNN.png and grid.png; DDIM with eta 0 gives the same images for any --batch-size."
@@ -333,6 +382,21 @@ def add_cache_latents_parser(sub: _Sub, model: Sequence[argparse.ArgumentParser]
     p.add_argument("--seed", type=int, default=0, help="seed of the random views (default 0)")
 
 
+def add_stats_parser(sub: _Sub, model: Sequence[argparse.ArgumentParser]) -> None:
+    summary = "latent statistics: scaling_factor, shift_factor and per-channel mean/std of a data set"
+    p = _command(sub, model, cmd_stats, summary, STATS_DETAILS)
+    p.add_argument("data", metavar="DATA_OR_LATENT_DIR")
+    p.add_argument("--resolution", type=_positive_int, default=256, help="square image size (default 256)")
+    p.add_argument(
+        "--views", type=_positive_int, default=1, help="latents per image, as cache-latents (default 1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random views (default 0)")
+    p.add_argument(
+        "--write", metavar="OUT_DIR", help="write a copy of the model with the measured scaling_factor"
+    )
+    p.add_argument("--shift", action="store_true", help="with --write: also write the measured shift_factor")
+
+
 def add_sample_parser(sub: _Sub, common: Sequence[argparse.ArgumentParser]) -> None:
     summary = "sample a latent-diffusion pipeline to PNG images"
     p = _command(sub, common, cmd_sample, summary, SAMPLE_DETAILS)
@@ -398,6 +462,7 @@ SUBCOMMANDS: tuple[tuple[Callable[[_Sub, Sequence[argparse.ArgumentParser]], Non
     (add_reconstruct_parser, True),
     (add_convert_parser, False),
     (add_cache_latents_parser, True),
+    (add_stats_parser, True),
     (add_sample_parser, False),
     (add_demo_parser, False),
     (add_ldm_eval_parser, False),

@@ -52,6 +52,12 @@ class Autoencoder(Protocol):
         """Images (B, C, H, W) in [-1, 1] -> the raw latents ``decode`` takes (B, decode_channels, H/f, W/f)."""
         ...
 
+    def encode_moments(
+        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(E[z], E[z^2]) per element of the latents ``encode_latents(x, sample=True)`` draws."""
+        ...
+
     def decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Raw latents -> images (B, C, H, W), float32."""
         ...

@@ -227,6 +227,13 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         _, info = self.quantize(self.encode(x, tile_size, max_memory))
         return self.quantize.lookup(info.indices)
 
+    def encode_moments(
+        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(E[z], E[z^2]) per element of ``encode_latents(x)``: quantization is deterministic, so (z_q, z_q^2)."""
+        z_q = self.encode_latents(x, tile_size=tile_size, max_memory=max_memory)
+        return z_q, z_q.square()
+
     def decode_indices(
         self, indices: Tensor, tile_size: int | None = None, max_memory: int | None = None
     ) -> Tensor:
