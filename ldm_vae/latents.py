@@ -113,7 +113,7 @@ def cache_settings(
 ) -> dict[str, Any]:
     """Everything besides the images that a cache's latents depend on, as JSON values."""
     weights = safetensors_bytes({k: v.float().contiguous() for k, v in vae.state_dict().items()})
-    return {
+    settings = {
         "format": FORMAT,
         "weights": hashlib.sha256(weights).hexdigest(),
         "model_config": vae.config.to_diffusers(),
@@ -127,6 +127,8 @@ def cache_settings(
         "views": views,
         "seed": seed,
     }
+    # As the manifest stores them (tuples become lists), so settings read back compare equal to these.
+    return json.loads(json.dumps(settings))
 
 
 def cache_fingerprint(settings: dict[str, Any], images: Sequence[Sequence[str]]) -> str:
