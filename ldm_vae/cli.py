@@ -118,6 +118,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         model_name=model,
         tile_size=args.tile_size,
+        max_memory=args.max_memory,
         views=args.views,
         seed=args.seed,
     )
@@ -256,7 +257,8 @@ CACHE_DETAILS = (
     "Center-crops each image to RESOLUTION (with --views V, adds V - 1 random crops and mirror images), "
     "encodes it and stores the posterior mean and std in shard-NNNNN.safetensors files plus latents.json "
     "with the latent scale (1 / std of posterior samples). KL models only. "
-    "Rerunning skips finished shards; under `accelerate launch -m ldm_vae.cli` processes share the shards."
+    "Rerunning skips finished shards; a rerun whose images (their contents), model, dtype, tiling or settings "
+    "differ is refused, saying what changed. Under `accelerate launch -m ldm_vae.cli` processes share the shards."
 )
 STATS_DETAILS = (
     "Moments of the latents z a diffusion model trains on, over an image folder (center crops and --views as "

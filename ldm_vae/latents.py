@@ -10,11 +10,17 @@ latents, predicts the noise at small t worse than predicting zero.
 
 Layout of a cache folder::
 
-    shard-00000.safetensors  mean, std: (n, C, h, w) float32; metadata: names (JSON list), fingerprint
+    shard-00000.safetensors  mean, std: (n, C, h, w) float32; metadata: names (JSON list), fingerprint,
+                             settings, images (name, SHA-256) of its items
     shard-00001.safetensors  ...
-    latents.json             manifest: shards, model, resolution, views, scale, shift (written last)
+    latents.json             manifest: shards, model, resolution, views, scale, shift, fingerprint, settings,
+                             images (written last)
 
-Shards are written atomically and skipped on a rerun with the same inputs, so an interrupted run resumes. Under
+The fingerprint covers everything the latents depend on: every image file's bytes (SHA-256), the weights, the
+model config, the compute dtype and memory layout, the tiling, resolution, shard size, views, seed and the
+cache format. Shards are written atomically and skipped on a rerun with the same fingerprint, so an interrupted
+run resumes; a rerun with another one is refused, saying what changed, and readers refuse shards the manifest's
+fingerprint does not vouch for. Under
 ``accelerate launch`` process r of k encodes shards r, r + k, r + 2k, ...; the main process writes the manifest
 once all have finished.
 """
@@ -27,6 +33,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +52,7 @@ from .io import write_json, write_safetensors
 from .seeds import mix_seed
 
 MANIFEST_NAME = "latents.json"
-FORMAT = "ldm-vae-latents/1"
+FORMAT = "ldm-vae-latents/2"  # 2: image content hashes, dtype, layout and tiling in the fingerprint
 
 
 def shard_name(index: int) -> str:
@@ -89,15 +96,107 @@ def prepare_image(path: str | os.PathLike, resolution: int, view: int = 0, seed:
     return (x.flip(-1) if rng.random() < 0.5 else x).contiguous()
 
 
-def cache_fingerprint(
-    vae: AutoencoderKL, names: Sequence[str], resolution: int, shard_size: int, views: int = 1, seed: int = 0
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_settings(
+    vae: AutoencoderKL,
+    resolution: int,
+    shard_size: int,
+    views: int = 1,
+    seed: int = 0,
+    tile_size: int | None = None,
+    max_memory: int | None = None,
+) -> dict[str, Any]:
+    """Everything besides the images that a cache's latents depend on, as JSON values."""
+    weights = safetensors_bytes({k: v.float().contiguous() for k, v in vae.state_dict().items()})
+    settings = {
+        "format": FORMAT,
+        "weights": hashlib.sha256(weights).hexdigest(),
+        "model_config": vae.config.to_diffusers(),
+        # Precision and layout change the rounding of every latent, so a resumed cache must not mix them.
+        "dtype": str(vae.dtype).removeprefix("torch."),
+        "memory_format": str(getattr(vae, "memory_format", torch.contiguous_format)).removeprefix("torch."),
+        "tile_size": tile_size,
+        "max_memory": max_memory,
+        "resolution": resolution,
+        "shard_size": shard_size,
+        "views": views,
+        "seed": seed,
+    }
+    # As the manifest stores them (tuples become lists), so settings read back compare equal to these.
+    return json.loads(json.dumps(settings))
+
+
+def cache_fingerprint(settings: dict[str, Any], images: Sequence[Sequence[str]]) -> str:
+    """SHA-256 of a cache's settings and its (name, content SHA-256) images: equal fingerprints, equal latents."""
+    key = json.dumps({"settings": settings, "images": [list(i) for i in images]}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# How a changed setting is named; "{old}" is the cache's value, "{new}" this run's.
+_CHANGES = {
+    "format": "written in latent format {old}, this run writes {new}",
+    "dtype": "computed in {old}, this run computes in {new}",
+    "memory_format": "computed in {old} layout, this run in {new}",
+    "weights": "encoded by other weights",
+    "model_config": "encoded by a model of another config",
+    "tile_size": "encoded with tile size {old}, this run with {new}",
+    "max_memory": "encoded with max memory {old}, this run with {new}",
+    "resolution": "encoded at resolution {old}, this run at {new}",
+    "shard_size": "written in shards of {old} latents, this run in shards of {new}",
+    "views": "{old} view(s) per image, this run {new}",
+    "seed": "views drawn with seed {old}, this run with seed {new}",
+}
+
+
+def _image_changes(old: Sequence[Sequence[str]], new: Sequence[Sequence[str]]) -> str:
+    """What differs between two (name, sha256) lists, e.g. "a/img03.png changed"; "" if nothing."""
+    before, after = dict(map(tuple, old)), dict(map(tuple, new))
+    changed = [n for n in after if n in before and before[n] != after[n]]
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    parts = []
+    for names, how in ((changed, "changed"), (added, "added"), (removed, "removed")):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{', '.join(names[:3])}{more} {how}")
+    if not parts and [n for n, _ in old] != [n for n, _ in new]:
+        parts.append("images in another order")
+    return ", ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def describe_change(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    old_images: Sequence[Sequence[str]] | None = None,
+    new_images: Sequence[Sequence[str]] | None = None,
+    elsewhere: str = "",
 ) -> str:
-    """SHA-256 of everything a shard's contents depend on: weights, config, images, resolution, sharding, views."""
-    h = hashlib.sha256(safetensors_bytes({k: v.float().contiguous() for k, v in vae.state_dict().items()}))
-    h.update(
-        json.dumps([vae.config.to_diffusers(), list(names), resolution, shard_size, views, seed]).encode()
-    )
-    return h.hexdigest()
+    """What made a cache's settings and images ``old`` differ from this run's ``new``, in words.
+
+    Args:
+        elsewhere: what to say when the settings and the images compared are the same (the change lies in
+            images not compared, e.g. those of other shards).
+    """
+    changes = [
+        _CHANGES[k].format(old=_shown(old.get(k)), new=_shown(new[k]))
+        for k in _CHANGES
+        if old.get(k) != new[k]
+        # Weights cast to another dtype hash differently, and the layout follows the dtype: the dtype says it all.
+        and not (k in ("weights", "memory_format") and old.get("dtype") != new["dtype"])
+    ]
+    if not changes and old_images is not None and new_images is not None:
+        images = _image_changes(old_images, new_images) or elsewhere
+        changes.append(f"latents of another image set ({images})" if images else "")
+    return "; ".join(c for c in changes if c) or "latents of another model, image set or settings"
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -114,19 +213,61 @@ def _shard_header(path: Path) -> dict[str, str] | None:
         return None
 
 
-def _is_done(path: Path, fingerprint: str) -> bool:
-    """True for a complete shard of this cache; raises for a shard of another cache (nothing is overwritten)."""
-    if not path.is_file():
-        return False
-    header = _shard_header(path)
-    if header is None:
-        return False  # unreadable (e.g. a copy cut short): recomputed
-    if header.get("fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"{path} holds latents of another model, image set, resolution or shard size; "
-            "write to a new folder or delete this one"
-        )
-    return True
+@dataclass(frozen=True)
+class CacheKey:
+    """What a cache's latents depend on, and its fingerprint (:func:`cache_fingerprint`) for the equality check."""
+
+    settings: dict[str, Any]
+    images: list[list[str]]  # [name, SHA-256 of the file's bytes] per image, in item order
+    fingerprint: str
+
+    @classmethod
+    def of(cls, settings: dict[str, Any], images: list[list[str]]) -> CacheKey:
+        return cls(settings, images, cache_fingerprint(settings, images))
+
+    def images_of(self, items: range) -> list[list[str]]:
+        """The images a shard's ``items`` are views of."""
+        views = self.settings["views"]
+        return self.images[items.start // views : (items.stop - 1) // views + 1]
+
+
+REWRITE = "write to a new folder or delete this one"  # advice when cache-latents finds another cache
+RECACHE = "re-run cache-latents into a new folder"  # advice when a reader finds a cache it cannot trust
+OLD_FORMAT = "written by an older ldm-vae, without image content hashes"
+ELSEWHERE = "images outside this shard changed, added or removed"
+
+
+def _shard_mismatch(header: dict[str, str], key: CacheKey, items: range) -> str | None:
+    """Why a shard (its metadata ``header``, holding ``items``) is not of the cache ``key``; None if it is."""
+    if header.get("fingerprint") == key.fingerprint:
+        return None
+    try:
+        settings, images = json.loads(header["settings"]), json.loads(header["images"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return OLD_FORMAT
+    return describe_change(settings, key.settings, images, key.images_of(items), ELSEWHERE)
+
+
+def _done_shards(out_dir: Path, key: CacheKey, shards: Sequence[range]) -> set[int]:
+    """The shards of this cache already written; raises if any is of another cache (nothing is overwritten).
+
+    A changed image makes every shard mismatch, but only the shard holding it can name it: that one is reported.
+    """
+    done, refused = set(), []
+    for i, items in enumerate(shards):
+        path = out_dir / shard_name(i)
+        header = _shard_header(path) if path.is_file() else None
+        if header is None:
+            continue  # missing, or unreadable (e.g. a copy cut short): (re)computed
+        reason = _shard_mismatch(header, key, items)
+        if reason is None:
+            done.add(i)
+        else:
+            refused.append((path, reason))
+    if refused:
+        path, reason = next((r for r in refused if ELSEWHERE not in r[1]), refused[0])
+        raise CheckpointError(f"{path}: {reason}; {RECACHE if reason == OLD_FORMAT else REWRITE}")
+    return done
 
 
 def cache_latents(
@@ -140,6 +281,7 @@ def cache_latents(
     shard_size: int = 1000,
     model_name: str = "",
     tile_size: int | None = None,
+    max_memory: int | None = None,
     views: int = 1,
     seed: int = 0,
     progress: bool = True,
@@ -157,7 +299,7 @@ def cache_latents(
         batch_size: images per encoder pass.
         shard_size: latents per shard.
         model_name: how the model was named (recorded in the manifest).
-        tile_size: exact tiled encoding, tile edge in pixels.
+        tile_size, max_memory: exact tiled encoding: tile edge in pixels, or the activation bytes that pick it.
         views: latents per image: view 0 is the center crop, the others random crops and flips
             (:func:`prepare_image`), so a small image set gives the diffusion model more to learn from. Item
             ``k`` is view ``k % views`` of image ``k // views``.
@@ -166,6 +308,9 @@ def cache_latents(
 
     Returns:
         The manifest on the main process, None on the others.
+
+    Raises:
+        CheckpointError: ``out_dir`` holds latents of other images or settings (one line saying what changed).
     """
     from accelerate import PartialState
 
@@ -177,23 +322,30 @@ def cache_latents(
     if views < 1:
         raise ValueError(f"views must be at least 1, got {views}")
     out_dir = Path(out_dir)
+    state = PartialState(cpu=vae.device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
+    quiet = None if progress and state.is_local_main_process else True
     names = [
         Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else Path(p).name for p in files
     ]
-    fingerprint = cache_fingerprint(vae, names, resolution, shard_size, views, seed)
-    _check_manifest(out_dir, fingerprint)
+    # Contents, not names or mtimes: a photo replaced under its name (even with its mtime restored) is caught.
+    hashes = [
+        file_sha256(p) for p in tqdm(files, "hashing images", unit="img", file=sys.stderr, disable=quiet)
+    ]
+    settings = cache_settings(vae, resolution, shard_size, views, seed, tile_size, max_memory)
+    key = CacheKey.of(settings, [[n, h] for n, h in zip(names, hashes, strict=True)])
+    _check_manifest(out_dir, key)
     shards = shard_ranges(len(files) * views, shard_size)
     # Every process checks every shard, so a foreign cache fails everywhere before anything is written.
-    todo = [i for i in range(len(shards)) if not _is_done(out_dir / shard_name(i), fingerprint)]
-
-    state = PartialState(cpu=vae.device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
-    mine = [i for i in shards_of_process(len(shards), state.process_index, state.num_processes) if i in todo]
+    done = _done_shards(out_dir, key, shards)
+    mine = [
+        i for i in shards_of_process(len(shards), state.process_index, state.num_processes) if i not in done
+    ]
     bar = tqdm(
         total=sum(len(shards[i]) for i in mine),
         desc="caching latents",
         unit="img",
         file=sys.stderr,
-        disable=None if progress and state.is_local_main_process else True,
+        disable=quiet,
     )
     with torch.inference_mode():
         for i in mine:
@@ -207,7 +359,8 @@ def cache_latents(
                         for k in batch
                     ]
                 )
-                posterior = vae.encode(x.to(vae.device), tile_size=tile_size)  # over (B, C, R/f, R/f)
+                # over (B, C, R/f, R/f)
+                posterior = vae.encode(x.to(vae.device), tile_size=tile_size, max_memory=max_memory)
                 means.append(posterior.mean.float().cpu())
                 stds.append(posterior.std.float().cpu())
                 bar.update(len(batch))
@@ -215,7 +368,10 @@ def cache_latents(
                 "names": json.dumps(
                     [names[k // views] + (f"#{k % views}" if k % views else "") for k in items]
                 ),
-                "fingerprint": fingerprint,
+                "fingerprint": key.fingerprint,
+                # What the fingerprint covers, so a rerun without the manifest can say what changed.
+                "settings": json.dumps(settings),
+                "images": json.dumps(key.images_of(items)),
                 "process": f"{state.process_index}/{state.num_processes}",  # which process wrote it
             }
             write_safetensors(
@@ -225,18 +381,19 @@ def cache_latents(
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    manifest = _manifest(vae, out_dir, shards, fingerprint, resolution, model_name, views)
+    manifest = _manifest(vae, out_dir, shards, key, model_name)
     write_json(manifest, out_dir / MANIFEST_NAME)
     return manifest
 
 
-def _check_manifest(out_dir: Path, fingerprint: str) -> None:
-    path = out_dir / MANIFEST_NAME
-    if path.is_file() and read_manifest(out_dir).get("fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"{out_dir} holds latents of another model, image set, resolution or shard size; "
-            "write to a new folder or delete this one"
-        )
+def _check_manifest(out_dir: Path, key: CacheKey) -> None:
+    """Raises unless ``out_dir`` has no manifest or the manifest of this very cache."""
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return
+    manifest = read_manifest(out_dir)  # refuses older formats and manifests edited out of their fingerprint
+    if manifest["fingerprint"] != key.fingerprint:
+        reason = describe_change(manifest["settings"], key.settings, manifest["images"], key.images)
+        raise CheckpointError(f"{out_dir}: {reason}; {REWRITE}")
 
 
 def latent_moments(means: Sequence[Tensor], stds: Sequence[Tensor]) -> tuple[float, float]:
@@ -259,16 +416,15 @@ def _manifest(
     vae: AutoencoderKL,
     out_dir: Path,
     shards: list[range],
-    fingerprint: str,
-    resolution: int,
+    key: CacheKey,
     model: str,
-    views: int,
 ) -> dict[str, Any]:
     """Reads every shard back (all processes' work) and describes the cache."""
     means, stds, entries = [], [], []
+    done = _done_shards(out_dir, key, shards)
     for i, items in enumerate(shards):
         path = out_dir / shard_name(i)
-        if not _is_done(path, fingerprint):
+        if i not in done:
             raise CheckpointError(f"{path}: missing after encoding (did a process fail?)")
         tensors = read_state_dict(path)
         if len(tensors["mean"]) != len(items):
@@ -282,11 +438,13 @@ def _manifest(
     return {
         "format": FORMAT,
         "model": model,
-        "fingerprint": fingerprint,
-        "resolution": resolution,
+        "fingerprint": key.fingerprint,
+        "resolution": key.settings["resolution"],
         "latent_shape": list(means[0].shape[1:]),
         "num_items": sum(e["count"] for e in entries),
-        "views": views,  # item k is view k % views of image k // views (view 0: the center crop)
+        "views": key.settings[
+            "views"
+        ],  # item k is view k % views of image k // views (view 0: the center crop)
         "shards": entries,
         # LDM's scale_by_std: the DDPM trains on (z - shift) * scale, z sampled from the posterior.
         "scale": 1.0 / std,
@@ -295,6 +453,9 @@ def _manifest(
         "latent_std": std,
         "scale_method": "1 / std of posterior samples z = mean + std * eps over all cached elements (closed form)",
         "vae_scaling_factor": vae.config.scaling_factor,
+        # What the fingerprint covers: a rerun compares them to say what changed.
+        "settings": key.settings,
+        "images": key.images,
     }
 
 
@@ -312,9 +473,24 @@ def read_manifest(latent_dir: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith("ldm-vae-latents/"):
         raise CheckpointError(f"{path}: not an ldm-vae latent manifest ({FORMAT})")
+    if fmt == "ldm-vae-latents/1":
+        raise CheckpointError(f"{path}: {OLD_FORMAT} ({fmt}); {RECACHE}")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: latent format {fmt}, this ldm-vae reads {FORMAT}; {RECACHE}")
+    try:
+        intact = cache_fingerprint(manifest["settings"], manifest["images"]) == manifest["fingerprint"]
+    except (KeyError, TypeError):
+        intact = False
+    if not intact:
+        raise CheckpointError(f"{path}: its fingerprint does not match its settings and images; {RECACHE}")
     return manifest
+
+
+def _manifest_key(manifest: dict[str, Any]) -> CacheKey:
+    return CacheKey(manifest["settings"], manifest["images"], manifest["fingerprint"])
 
 
 def held_out_split(manifest: dict[str, Any], num_val: int) -> tuple[range, range]:
@@ -348,16 +524,20 @@ class LatentDataset(Dataset):
         self, latent_dir: str | os.PathLike, indices: Sequence[int] | None = None, sample: bool = True
     ):
         self.manifest = read_manifest(latent_dir)
+        key = _manifest_key(self.manifest)
         means, stds, names = [], [], []
+        start = 0
         for entry in self.manifest["shards"]:
             path = Path(latent_dir) / entry["file"]
+            items, start = range(start, start + entry["count"]), start + entry["count"]
             tensors = read_state_dict(path)
             header = _shard_header(path) or {}
-            if (
-                header.get("fingerprint") != self.manifest["fingerprint"]
-                or len(tensors["mean"]) != entry["count"]
-            ):
-                raise CheckpointError(f"{path}: does not match {MANIFEST_NAME}")
+            # Only latents the manifest's fingerprint vouches for are trained on.
+            reason = _shard_mismatch(header, key, items)
+            if reason is None and len(tensors["mean"]) != entry["count"]:
+                reason = f"holds {len(tensors['mean'])} latents, the manifest says {entry['count']}"
+            if reason is not None:
+                raise CheckpointError(f"{path}: does not match {MANIFEST_NAME} ({reason}); {RECACHE}")
             means.append(tensors["mean"])
             stds.append(tensors["std"])
             names += json.loads(header["names"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ldm_vae import AutoencoderKL
+from ldm_vae.checkpoint import CheckpointError
 from ldm_vae.cli import main
 from ldm_vae.latents import (
     MANIFEST_NAME,
@@ -179,8 +182,137 @@ def test_a_cache_of_other_settings_is_refused_and_kept(cached, photos, vae_dir, 
     before = {p.name: p.read_bytes() for p in cached.iterdir()}
     assert cache(photos, vae_dir, cached, "--shard-size", "5") == 1  # overrides the earlier --shard-size 4
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "another model, image set" in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "latents: written in shards of 4 latents, this run in shards of 5; write to a new folder" in err
     assert {p.name: p.read_bytes() for p in cached.iterdir()} == before
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file of a folder: (mtime_ns, bytes)."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def own_photos(tmp_path) -> Path:
+    """Six 20 x 20 PNGs stored uncompressed, so a repainted one keeps its size to the byte."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png", compress_level=0)
+    return folder
+
+
+def test_an_image_replaced_under_its_name_size_and_mtime_is_refused(own_photos, vae_dir, tmp_path, capsys):
+    out = tmp_path / "latents"
+    assert cache(own_photos, vae_dir, out) == 0  # shards of 4: img00-03, img04-05
+    capsys.readouterr()
+    target = own_photos / "img04.png"
+    st = target.stat()
+    Image.new("RGB", (20, 20), (200, 30, 90)).save(target, compress_level=0)  # another photo, same name
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    before = snapshot(out)
+    assert cache(own_photos, vae_dir, out) == 1
+    assert (
+        f"{out}: latents of another image set (img04.png changed); write to a new folder"
+        in one_line_error(capsys)
+    )
+    # Interrupted before the manifest: the shard holding the image names it, the other shard notwithstanding.
+    (out / MANIFEST_NAME).unlink()
+    assert cache(own_photos, vae_dir, out) == 1
+    err = one_line_error(capsys)
+    assert f"{out / shard_name(1)}: latents of another image set (img04.png changed)" in err
+    assert snapshot(out) == {k: v for k, v in before.items() if k != MANIFEST_NAME}
+    # Images added and removed are named too.
+    target.rename(own_photos / "new.png")
+    assert cache(own_photos, vae_dir, out) == 1
+    assert "(new.png added, img04.png removed)" in one_line_error(capsys)
+
+
+def test_another_dtype_or_tiling_is_refused(own_photos, vae_dir, tmp_path, capsys):
+    out = tmp_path / "latents"
+    assert cache(own_photos, vae_dir, out) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    assert cache(own_photos, vae_dir, out, "--dtype", "bf16") == 1  # overrides the earlier --dtype fp32
+    err = one_line_error(capsys)
+    assert f"{out}: computed in float32, this run computes in bfloat16; write to a new folder" in err
+    assert cache(own_photos, vae_dir, out, "--tile-size", "8") == 1
+    assert f"{out}: encoded with tile size none, this run with 8; write" in one_line_error(capsys)
+    assert cache(own_photos, vae_dir, out, "--max-memory", "2MiB") == 1
+    assert "encoded with max memory none, this run with 2097152" in one_line_error(capsys)
+    assert snapshot(out) == before
+
+
+def test_an_unchanged_rerun_rewrites_no_shard(own_photos, vae_dir, tmp_path, monkeypatch):
+    out = tmp_path / "latents"
+    assert cache(own_photos, vae_dir, out, "--tile-size", "8") == 0
+    shards = {k: v for k, v in snapshot(out).items() if k.startswith("shard-")}
+    assert len(shards) == 2
+    calls = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(
+        AutoencoderKL, "encode", lambda self, x, **kw: calls.append(len(x)) or encode(self, x, **kw)
+    )
+    assert cache(own_photos, vae_dir, out, "--tile-size", "8") == 0
+    assert calls == [] and {k: v for k, v in snapshot(out).items() if k.startswith("shard-")} == shards
+
+
+def test_readers_trust_a_cache_only_through_its_fingerprint(cached, photos, vae_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(cached, copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    assert manifest["settings"]["dtype"] == "float32" and manifest["settings"]["tile_size"] is None
+    assert len(manifest["images"]) == 10 and all(len(h) == 64 for _, h in manifest["images"])
+    # A manifest edited out of its fingerprint.
+    edited = {**manifest, "images": [[n, "0" * 64] for n, _ in manifest["images"]]}
+    (copy / MANIFEST_NAME).write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match="fingerprint does not match its settings and images"):
+        LatentDataset(copy)
+    # A shard of another cache under a matching manifest.
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    other = tmp_path / "other"
+    assert cache(photos, vae_dir, other, "--seed", "3") == 0
+    shutil.copy(other / shard_name(1), copy / shard_name(1))
+    with pytest.raises(
+        CheckpointError, match=r"shard-00001.safetensors: does not match latents.json \(views"
+    ):
+        LatentDataset(copy)
+
+
+def test_a_cache_of_the_previous_format_is_refused(cached, photos, vae_dir, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(cached, old)
+    capsys.readouterr()
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    for k in ("settings", "images"):
+        del manifest[k]
+    (old / MANIFEST_NAME).write_text(json.dumps({**manifest, "format": "ldm-vae-latents/1"}))
+    message = (
+        "written by an older ldm-vae, without image content hashes (ldm-vae-latents/1); re-run cache-latents"
+    )
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        LatentDataset(old)
+    assert cache(photos, vae_dir, old) == 1
+    assert f"{old / MANIFEST_NAME}: {message} into a new folder" in one_line_error(capsys)
+    # An interrupted run of the previous format: shards without settings or image hashes.
+    (old / MANIFEST_NAME).unlink()
+    tensors = load_file(str(old / shard_name(0)))
+    with safe_open(str(old / shard_name(0)), framework="pt") as f:
+        metadata = {k: f.metadata()[k] for k in ("names", "process")}
+    metadata["fingerprint"] = "0" * 64  # the old fingerprint covered less, so it differs from the new one
+    save_file(tensors, str(old / shard_name(0)), metadata)
+    assert cache(photos, vae_dir, old) == 1
+    err = one_line_error(capsys)
+    assert f"{old / shard_name(0)}: written by an older ldm-vae, without image content hashes; re-run" in err
 
 
 def test_bad_inputs_fail_before_writing(photos, vae_dir, tmp_path, capsys):
