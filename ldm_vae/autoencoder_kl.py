@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import LDM_PREFIXES
-from .checks import check_input
+from .checks import check_input, check_shape
 from .config import PRESETS, AutoencoderKLConfig, build_model_config
 from .distributions import DiagonalGaussian
 from .modules import Decoder, Encoder
@@ -54,6 +54,12 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
             max_memory: byte budget for the tiled run's activations (picks tile_size when it is None).
         """
         check_input(x, self.config.in_channels, "images")
+        return self._encode(x, tile_size, max_memory)
+
+    def _encode(
+        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+    ) -> DiagonalGaussian:
+        # encode without the NaN/Inf check (a host sync): the training forward's path.
         x = self._to_model(x)
         h = tiled_forward(self.encoder, x, tile_size, 1, max_memory)  # (B, 2z, h, w)
         moments = self.quant_conv(h) if self.quant_conv is not None else h
@@ -95,7 +101,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         posterior = self.encode(x, tile_size, max_memory)
         return posterior.mean, posterior.mean.square() + posterior.var
 
-    def _decode(self, z: Tensor, tile_size: int | None, max_memory: int | None) -> Tensor:
+    def _decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+        # decode without the NaN/Inf check and the fp16 retry (host syncs): the training forward's path.
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
         return tiled_forward(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
@@ -103,10 +110,15 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction and posterior; z is sampled (training) or the posterior mean."""
-        posterior = self.encode(x)
+        """Reconstruction and posterior; z is sampled (training) or the posterior mean.
+
+        The training path: it checks the input's shape but reads nothing back from the device (no NaN/Inf
+        check, no fp16 retry; ``encode``/``decode`` have both), so a step never waits on a host sync.
+        """
+        check_shape(x, self.config.in_channels, "images")
+        posterior = self._encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior
+        return self._decode(z), posterior
 
     def encoder_side(self) -> list[nn.Module]:
         """Encoder and quant_conv: what decoder-only fine-tuning freezes."""

@@ -45,7 +45,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise CLIError(f"{out}: is a directory; give a .safetensors file name")
     paths = collect_images(args.inputs)
     wf.check_no_overwrite([out], paths)
-    vae = wf.load_model(args.model, args.dtype, args.device)
+    vae = wf.load_model(args.model, args.dtype, args.device, args.compile)
     latents = wf.encode_to_file(
         vae, paths, out, args.model, args.batch_size, args.sample, args.seed, **_tiling(args)
     )
@@ -56,7 +56,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     out_dir = wf.output_dir(args.output)
     file = wf.read_latents_file(args.latents)  # checked before the model loads
-    vae = wf.load_model(args.model, args.dtype, args.device)
+    vae = wf.load_model(args.model, args.dtype, args.device, args.compile)
     outputs = wf.decode_to_folder(vae, file, out_dir, args.model, args.batch_size, **_tiling(args))
     print(f"wrote {len(outputs)} images to {out_dir}", file=sys.stderr)
     return 0
@@ -68,7 +68,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     outputs = wf.png_outputs(out_dir, [p.name for p in paths])
     metrics_path = out_dir / "metrics.json"
     wf.check_no_overwrite([*outputs, metrics_path], paths)
-    vae = wf.load_model(args.model, args.dtype, args.device)
+    vae = wf.load_model(args.model, args.dtype, args.device, args.compile)
     rows = wf.reconstruct_images(vae, paths, outputs, args.batch_size, **_tiling(args))
     mean = wf.mean_metrics(rows)
     wf.write_reconstruct_report(rows, mean, vae, args.model, metrics_path)
@@ -106,7 +106,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
 
         device = PartialState().device
     torch.manual_seed(0)  # a random-init preset is then the same model in every process and on every rerun
-    vae = wf.require_posterior(wf.load_model(args.model, args.dtype, device), args.model)
+    vae = wf.require_posterior(wf.load_model(args.model, args.dtype, device, args.compile), args.model)
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     manifest = cache_latents(
         vae,
@@ -328,6 +328,11 @@ def _model_parent() -> argparse.ArgumentParser:
         "(AutoencoderKL or VQModel), or an LDM/SD .safetensors/.ckpt file",
     )
     run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile encoder and decoder (one compile per input shape; tiled runs stay eager)",
+    )
     run.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 where the hardware has it, else fp32"
     )

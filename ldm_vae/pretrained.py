@@ -135,6 +135,27 @@ class PretrainedMixin:
         self.to(device=device, dtype=torch_dtype, memory_format=self.memory_format)
         return self.eval()
 
+    def compile_(
+        self,
+        backend: str = "inductor",
+        mode: str | None = None,
+        fullgraph: bool = True,
+        dynamic: bool | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Any:
+        """Compiles the encoder and the decoder in place with ``torch.compile``; returns the model.
+
+        Each network is compiled whole (one graph per input shape, no graph breaks with ``fullgraph``) through
+        ``nn.Module.compile``, so ``state_dict()`` keys and saved files are unchanged. Exact tiled runs
+        (``tile_size``/``max_memory``) call the networks' units one by one on crops of varying shapes; those stay
+        eager (a run whose one tile is the whole input is compiled). quant_conv, the bottleneck and
+        post_quant_conv stay eager too. The arguments are ``torch.compile``'s.
+        """
+        assert isinstance(self, nn.Module)
+        for net in (self.encoder, self.decoder):  # type: ignore[attr-defined]
+            net.compile(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic, options=options)
+        return self
+
     def _to_model(self, x: Tensor) -> Tensor:
         """Casts an input to the model's dtype; only the fast path changes its memory layout (the reference
         path leaves it, as diffusers does, so layouts and therefore rounding match)."""

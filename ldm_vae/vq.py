@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_input
+from .checks import check_input, check_shape
 from .config import VQ_PRESETS, VQConfig, build_model_config
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
@@ -39,18 +39,20 @@ class VQInfo:
         Tensor  # scalar: ||sg[z] - e||^2 (0 under EMA updates, where no gradient trains the codebook)
     )
     commitment_loss: Tensor  # scalar: ||z - sg[e]||^2 (unweighted)
-    usage: float  # fraction of the codebook used in this batch
-    perplexity: float  # exp(entropy of code usage); = number of codes when used uniformly
+    # 0-d detached tensors, not floats: reading them back is a host sync the training step does not wait on.
+    usage: Tensor  # fraction of the codebook used in this batch
+    perplexity: Tensor  # exp(entropy of code usage); = number of codes when used uniformly
 
     def regularization_loss(self) -> Tensor:
         return self.loss.mean()
 
     def logs(self) -> dict[str, Tensor]:
         loss = self.regularization_loss().detach().float()
+        as_log = {"dtype": torch.float32, "device": loss.device}
         return {
             "codebook": loss,
-            "code_usage": loss.new_tensor(self.usage),
-            "perplexity": loss.new_tensor(self.perplexity),
+            "code_usage": torch.as_tensor(self.usage, **as_log).detach(),
+            "perplexity": torch.as_tensor(self.perplexity, **as_log).detach(),
         }
 
 
@@ -94,8 +96,9 @@ class VectorQuantizer(nn.Module):
             # dead_threshold / num_codes (about 460 steps unused at decay 0.99) is dead.
             self.register_buffer("ema_usage", torch.full((num_codes,), 1.0 / num_codes))
 
-    def codebook(self) -> Tensor:
-        e = self.embedding.weight
+    def codebook(self, weight: Tensor | None = None) -> Tensor:
+        """The code vectors (num_codes, dim): ``weight`` (default ``embedding.weight``), unit-normalized if set."""
+        e = self.embedding.weight if weight is None else weight
         return F.normalize(e, dim=1) if self.l2_normalize else e
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -110,7 +113,11 @@ class VectorQuantizer(nn.Module):
         if self.l2_normalize:
             z = F.normalize(z, dim=-1)
         flat = z.reshape(-1, self.dim)  # (N, dim)
-        codes = self.codebook().float()
+        weight = self.embedding.weight
+        if self.training and self.restart_dead_codes:
+            # _update rewrites the weight in place on every step (sync-free), so the graph holds a copy.
+            weight = weight.clone()
+        codes = self.codebook(weight).float()
         indices = torch.argmin(torch.cdist(flat, codes), dim=1)  # (N,)
         z_q = codes[indices].view_as(z)
 
@@ -121,7 +128,9 @@ class VectorQuantizer(nn.Module):
         else:
             loss = self.beta * commitment + codebook_term
 
-        counts = torch.bincount(indices, minlength=self.num_codes).float()  # (num_codes,)
+        # index_add_, not bincount: CUDA's bincount reads the largest index back to the host. Sums of ones are
+        # exact in float32, so the counts are bincount's.
+        counts = flat.new_zeros(self.num_codes).index_add_(0, indices, flat.new_ones(indices.shape))
         if self.training:
             self._update(flat.detach(), indices, counts)
         probs = counts / counts.sum()
@@ -133,8 +142,8 @@ class VectorQuantizer(nn.Module):
             loss=loss,
             codebook_loss=codebook_term.detach(),
             commitment_loss=commitment.detach(),
-            usage=float((counts > 0).float().mean()),
-            perplexity=float(perplexity),
+            usage=(counts > 0).float().mean().detach(),
+            perplexity=perplexity.detach(),
         )
         return rearrange(z_q, "b h w c -> b c h w").contiguous(), info
 
@@ -154,18 +163,21 @@ class VectorQuantizer(nn.Module):
         if self.restart_dead_codes:
             counts_all = _all_reduce_sum(counts.clone())
             self.ema_usage.mul_(0.99).add_(counts_all / counts_all.sum().clamp_min(1), alpha=0.01)
-            dead = self.ema_usage < self.dead_threshold / self.num_codes
-            n_dead = int(dead.sum())
-            if n_dead:
-                pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
-                new = flat[pick]
-                if dist.is_available() and dist.is_initialized():
-                    dist.broadcast(new, src=0)  # every rank restarts with rank 0's choice
-                self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
-                self.ema_usage[dead] = 1.0 / self.num_codes
-                if self.ema_decay is not None:
-                    self.ema_cluster_size[dead] = 1.0
-                    self.ema_embed_sum[dead] = new
+            dead = self.ema_usage < self.dead_threshold / self.num_codes  # (num_codes,) bool
+            # Sync-free: every code draws a candidate from the batch and only dead codes take theirs, so no
+            # count of dead codes is read back to size the draw (the draw thus takes num_codes samples of the
+            # global RNG on every step).
+            pick = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
+            new = flat[pick]  # (num_codes, dim)
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(new, src=0)  # every rank restarts with rank 0's choice
+            col = dead[:, None]
+            weight = self.embedding.weight
+            weight.copy_(torch.where(col, new.to(weight.dtype), weight))
+            self.ema_usage.copy_(torch.where(dead, 1.0 / self.num_codes, self.ema_usage))
+            if self.ema_decay is not None:
+                self.ema_cluster_size.copy_(torch.where(dead, 1.0, self.ema_cluster_size))
+                self.ema_embed_sum.copy_(torch.where(col, new, self.ema_embed_sum))
 
 
 class VQAutoencoder(PretrainedMixin, nn.Module):
@@ -200,6 +212,10 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
     def encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> pre-quantization latents (B, embed_dim, H/f, W/f), float32."""
         check_input(x, self.config.in_channels, "images")
+        return self._encode(x, tile_size, max_memory)
+
+    def _encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+        # encode without the NaN/Inf check (a host sync): the training forward's path.
         h = tiled_forward(self.encoder, self._to_model(x), tile_size, 1, max_memory)
         return self.quant_conv(h).float()
 
@@ -210,6 +226,10 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
     def decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
         """Quantized latents (B, embed_dim, h, w) -> images (B, C, h*f, w*f), float32."""
         check_input(z_q, self.config.embed_dim, "latents")
+        return self._decode(z_q, tile_size, max_memory)
+
+    def _decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+        # decode without the NaN/Inf check (a host sync): the training forward's path.
         z = self.post_quant_conv(self._to_model(z_q))
         return tiled_forward(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
@@ -245,10 +265,12 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
     ) -> tuple[Tensor, VQInfo]:
         """Reconstruction and quantizer info, as ``AutoencoderKL.forward`` returns (recon, posterior).
 
-        ``sample_posterior`` and ``generator`` are the common contract's; the quantizer ignores them.
+        ``sample_posterior`` and ``generator`` are the common contract's; the quantizer ignores them. As
+        ``AutoencoderKL.forward``, it checks the input's shape only and reads nothing back from the device.
         """
-        z_q, info = self.quantize(self.encode(x))
-        return self.decode(z_q), info
+        check_shape(x, self.config.in_channels, "images")
+        z_q, info = self.quantize(self._encode(x))
+        return self._decode(z_q), info
 
     def encoder_side(self) -> list[nn.Module]:
         """Encoder, quant_conv and codebook: what decoder-only fine-tuning freezes."""

@@ -33,7 +33,14 @@ FAKE = torch.tensor([-2.0, 0.0, 0.5])
 def vq_info(loss: torch.Tensor) -> VQInfo:
     """A quantizer report with the given loss (indices and usage do not enter the loss)."""
     zero = torch.zeros(())
-    return VQInfo(torch.zeros(2, 4, 4, dtype=torch.long), loss, zero, zero, usage=0.5, perplexity=2.0)
+    return VQInfo(
+        torch.zeros(2, 4, 4, dtype=torch.long),
+        loss,
+        zero,
+        zero,
+        usage=torch.tensor(0.5),
+        perplexity=torch.tensor(2.0),
+    )
 
 
 def softplus(v: float) -> float:

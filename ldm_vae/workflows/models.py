@@ -28,16 +28,19 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def load_model(
-    src: str | os.PathLike, dtype: str = "auto", device: str | torch.device = "cpu"
+    src: str | os.PathLike, dtype: str = "auto", device: str | torch.device = "cpu", compile: bool = False
 ) -> Autoencoder:
     """The autoencoder ``src`` names (see :func:`~ldm_vae.autoencoders.load_autoencoder`), refused unless it
-    takes and gives RGB images, as image files hold."""
+    takes and gives RGB images, as image files hold; ``compile`` compiles its encoder and decoder
+    (``compile_()``: inductor, full graph)."""
     vae = load_autoencoder(src, dtype=dtype, device=resolve_device(device))
     if vae.config.in_channels != 3 or vae.config.out_channels != 3:
         raise WorkflowError(
             f"{src}: model takes {vae.config.in_channels}-channel and gives "
             f"{vae.config.out_channels}-channel images; image files are RGB"
         )
+    if compile:
+        vae.compile_()  # type: ignore[attr-defined]
     return vae
 
 
