@@ -154,8 +154,8 @@ class ConfigKeyError(ValueError):
 
 
 # Keys of diffusers' AutoencoderKL / VQModel __init__ that are not our fields: the architecture choices checked
-# below (we build one of each; the level types are fields), and keys with no effect here (lookup_from_codebook only changes what diffusers'
-# decode() takes as input).
+# below (we build one of each; the level types are fields, checked by the config), and keys with no effect here
+# (lookup_from_codebook only changes what diffusers' decode() takes as input).
 _DIFFUSERS_ONLY_KEYS: dict[type, tuple[str, ...]] = {
     AutoencoderKLConfig: ("act_fn", "latents_mean", "latents_std"),
     VQConfig: ("act_fn", "norm_type", "lookup_from_codebook"),
