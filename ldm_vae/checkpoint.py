@@ -1,7 +1,8 @@
 """Reading and writing autoencoder weights: diffusers folders and original LDM / Stable Diffusion single files.
 
 Our modules carry diffusers' parameter names, so a diffusers folder loads with no renaming. Original LDM names
-(``encoder.down.0.block.1.nin_shortcut``, ``decoder.up.3.upsample.conv``, ``mid.attn_1.q``) live only in
+(``encoder.down.0.block.1.nin_shortcut``, ``decoder.up.3.upsample.conv``, ``mid.attn_1.q``,
+``encoder.down.4.attn.1.proj_out``) live only in
 ``_LDM_RULES`` below. No file is ever unpickled with code execution: safetensors, or
 ``torch.load(weights_only=True)``.
 """
@@ -20,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from .config import attention_block_types
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -107,12 +110,20 @@ def read_diffusers_weights(folder: Path, variant: str | None = None) -> dict[str
 
 # ------------------------------------------------------------------------------------ LDM <-> diffusers
 
+# Attention submodules: diffusers name -> LDM name (LDM's AttnBlock).
+_LDM_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_ATTN_PART = r"(group_norm|to_[qkv]|to_out\.0)"
+
 # The one conversion table: diffusers name pattern -> LDM name. ``n`` is the number of levels; LDM numbers
 # decoder levels from the highest resolution, diffusers from the lowest.
 _LDM_RULES: list[tuple[str, Callable[[re.Match, int], str]]] = [
     (r"^(encoder|decoder)\.conv_norm_out\.", lambda m, n: f"{m[1]}.norm_out."),
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}."),
     (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m, n: f"encoder.down.{m[1]}.downsample."),
+    (
+        rf"^encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.{_ATTN_PART}\.",
+        lambda m, n: f"encoder.down.{m[1]}.attn.{m[2]}.{_LDM_ATTN[m[3]]}.",
+    ),
     (
         r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
         lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.",
@@ -121,6 +132,10 @@ _LDM_RULES: list[tuple[str, Callable[[re.Match, int], str]]] = [
         r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
         lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.",
     ),
+    (
+        rf"^decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.{_ATTN_PART}\.",
+        lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.attn.{m[2]}.{_LDM_ATTN[m[3]]}.",
+    ),
     (r"\.mid_block\.resnets\.(\d+)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}."),
     (r"\.mid_block\.attentions\.0\.group_norm\.", lambda m, n: ".mid.attn_1.norm."),
     (r"\.mid_block\.attentions\.0\.to_([qkv])\.", lambda m, n: f".mid.attn_1.{m[1]}."),
@@ -128,7 +143,9 @@ _LDM_RULES: list[tuple[str, Callable[[re.Match, int], str]]] = [
     (r"\.conv_shortcut\.", lambda m, n: ".nin_shortcut."),
 ]
 # LDM's attention projections are 1x1 convs; diffusers' are Linear layers.
-_LDM_CONV1X1 = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+_LDM_CONV1X1 = re.compile(
+    r"\.(mid\.attn_1|down\.\d+\.attn\.\d+|up\.\d+\.attn\.\d+)\.(q|k|v|proj_out)\.weight$"
+)
 
 
 def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
@@ -182,7 +199,9 @@ def strip_prefix(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]
 def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     """Config fields read off tensor shapes of an LDM-layout autoencoder state dict.
 
-    GroupNorm group counts and the latent scale cannot be read off shapes; callers override them.
+    GroupNorm group counts and the latent scale cannot be read off shapes; callers override them. Attention
+    levels are those holding ``attn.0`` tensors (LDM's ``attn_resolutions``), read for encoder and decoder
+    separately.
     """
 
     def shape(key: str) -> tuple[int, ...]:
@@ -203,6 +222,13 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         "layers_per_block": len(blocks),
         "latent_channels": shape("decoder.conv_in.weight")[1],
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in state_dict,
+        "down_block_types": attention_block_types(
+            tuple(f"encoder.down.{i}.attn.0.q.weight" in state_dict for i in levels)
+        )["down_block_types"],
+        # LDM's decoder.up.i is at encoder level i's resolution, diffusers' up_blocks[n - 1 - i].
+        "up_block_types": attention_block_types(
+            tuple(f"decoder.up.{i}.attn.0.q.weight" in state_dict for i in levels)
+        )["up_block_types"],
     }
     if "quantize.embedding.weight" in state_dict:
         n_codes, dim = shape("quantize.embedding.weight")

@@ -324,7 +324,8 @@ def _model_parent() -> argparse.ArgumentParser:
     run.add_argument(
         "--model",
         required=True,
-        help="preset (sd, sdxl, flux, tiny: random init; vq-f8), 'demo' (shipped weights), a diffusers folder "
+        help="preset (random init: sd, sdxl, flux, tiny, kl-f4 ... kl-f32, vq-f4 ... vq-f16, vqgan-imagenet-f16-*), "
+        "'demo' (shipped weights), a diffusers folder "
         "(AutoencoderKL or VQModel), or an LDM/SD .safetensors/.ckpt file",
     )
     run.add_argument("--device", default="cpu", help="torch device (default: cpu)")

@@ -10,20 +10,48 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-# diffusers needs these keys to rebuild the same Encoder/Decoder; we only build this one block type.
-_ENCODER_BLOCK = "DownEncoderBlock2D"
-_DECODER_BLOCK = "UpDecoderBlock2D"
+# The level types of diffusers' Encoder/Decoder that ldm_vae builds: plain, or with self-attention after each
+# resnet (LDM's attn_resolutions).
+ENCODER_BLOCK = "DownEncoderBlock2D"
+ATTN_ENCODER_BLOCK = "AttnDownEncoderBlock2D"
+DECODER_BLOCK = "UpDecoderBlock2D"
+ATTN_DECODER_BLOCK = "AttnUpDecoderBlock2D"
+_BLOCK_TYPES = {
+    "down_block_types": (ENCODER_BLOCK, ATTN_ENCODER_BLOCK),
+    "up_block_types": (DECODER_BLOCK, ATTN_DECODER_BLOCK),
+}
+
+
+def attention_block_types(encoder_levels: tuple[bool, ...]) -> dict[str, tuple[str, ...]]:
+    """``down_block_types`` / ``up_block_types`` with attention at the given encoder levels.
+
+    LDM puts attention at the same resolutions in both networks; diffusers numbers decoder levels from the
+    lowest resolution, so the decoder's types are the encoder's reversed.
+    """
+    down = tuple(ATTN_ENCODER_BLOCK if a else ENCODER_BLOCK for a in encoder_levels)
+    up = tuple(ATTN_DECODER_BLOCK if a else DECODER_BLOCK for a in reversed(encoder_levels))
+    return {"down_block_types": down, "up_block_types": up}
 
 
 class _Levels:
-    """What both autoencoder configs derive from their level widths."""
+    """What both autoencoder configs derive from their level widths and level types."""
 
     block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
     norm_num_groups: int
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so the config stays hashable and frozen.
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        n = len(self.block_out_channels)
+        for key, (plain, attn) in _BLOCK_TYPES.items():
+            types = tuple(str(t) for t in getattr(self, key)) or (plain,) * n  # () means all plain
+            if any(t not in (plain, attn) for t in types):
+                raise ValueError(f"unsupported {key} {list(types)}: ldm_vae builds {plain} and {attn} blocks")
+            if len(types) != n:
+                raise ValueError(f"{key} has {len(types)} entries for {n} block_out_channels levels")
+            object.__setattr__(self, key, types)
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(
@@ -46,6 +74,10 @@ class AutoencoderKLConfig(_Levels):
         512,
         512,
     )  # width per level; len-1 = number of 2x downsamples
+    # Encoder level types (DownEncoderBlock2D, or AttnDownEncoderBlock2D: attention after each resnet); () is
+    # all plain. Decoder level types likewise, numbered from the lowest resolution as diffusers does.
+    down_block_types: tuple[str, ...] = ()
+    up_block_types: tuple[str, ...] = ()
     layers_per_block: int = 2  # resnets per encoder level (decoder levels get one more)
     latent_channels: int = 4  # channels of z
     norm_num_groups: int = 32  # GroupNorm groups everywhere
@@ -59,10 +91,8 @@ class AutoencoderKLConfig(_Levels):
 
     def to_diffusers(self) -> dict[str, Any]:
         """The ``config.json`` that ``diffusers.AutoencoderKL`` reads."""
-        n = len(self.block_out_channels)
-        cfg = {"_class_name": "AutoencoderKL", **dataclasses.asdict(self)}
-        cfg["block_out_channels"] = list(self.block_out_channels)
-        cfg.update(down_block_types=[_ENCODER_BLOCK] * n, up_block_types=[_DECODER_BLOCK] * n, act_fn="silu")
+        cfg = {"_class_name": "AutoencoderKL", **_lists(dataclasses.asdict(self))}
+        cfg.update(act_fn="silu")
         return cfg
 
 
@@ -71,6 +101,8 @@ class VQConfig(_Levels):
     in_channels: int = 3  # image channels in
     out_channels: int = 3  # image channels out
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level, as AutoencoderKLConfig
+    down_block_types: tuple[str, ...] = ()  # encoder level types, as AutoencoderKLConfig (() is all plain)
+    up_block_types: tuple[str, ...] = ()  # decoder level types, from the lowest resolution
     layers_per_block: int = 2  # resnets per encoder level
     latent_channels: int = 4  # encoder output channels (before quant_conv)
     norm_num_groups: int = 32  # GroupNorm groups
@@ -95,22 +127,23 @@ class VQConfig(_Levels):
 
     def to_diffusers(self) -> dict[str, Any]:
         """The ``config.json`` that ``diffusers.VQModel`` reads."""
-        n = len(self.block_out_channels)
-        cfg = {"_class_name": "VQModel", **dataclasses.asdict(self)}
+        cfg = {"_class_name": "VQModel", **_lists(dataclasses.asdict(self))}
         # Training-only quantizer options mean nothing to diffusers (it would warn about them).
         for key in ("beta", "legacy", "ema_decay", "restart_dead_codes"):
             cfg.pop(key)
         if not self.l2_normalize:  # kept when set: a cosine codebook changes inference
             cfg.pop("l2_normalize")
-        cfg["block_out_channels"] = list(self.block_out_channels)
         cfg.update(
-            down_block_types=[_ENCODER_BLOCK] * n,
-            up_block_types=[_DECODER_BLOCK] * n,
             act_fn="silu",
             norm_type="group",
             lookup_from_codebook=False,
         )
         return cfg
+
+
+def _lists(fields: dict[str, Any]) -> dict[str, Any]:
+    """Tuple fields as JSON lists, as diffusers writes them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 ConfigT = TypeVar("ConfigT", AutoencoderKLConfig, VQConfig)
@@ -121,11 +154,11 @@ class ConfigKeyError(ValueError):
 
 
 # Keys of diffusers' AutoencoderKL / VQModel __init__ that are not our fields: the architecture choices checked
-# below (we build one of each), and keys with no effect here (lookup_from_codebook only changes what diffusers'
-# decode() takes as input).
+# below (we build one of each; the level types are fields, checked by the config), and keys with no effect here
+# (lookup_from_codebook only changes what diffusers' decode() takes as input).
 _DIFFUSERS_ONLY_KEYS: dict[type, tuple[str, ...]] = {
-    AutoencoderKLConfig: ("down_block_types", "up_block_types", "act_fn", "latents_mean", "latents_std"),
-    VQConfig: ("down_block_types", "up_block_types", "act_fn", "norm_type", "lookup_from_codebook"),
+    AutoencoderKLConfig: ("act_fn", "latents_mean", "latents_std"),
+    VQConfig: ("act_fn", "norm_type", "lookup_from_codebook"),
 }
 
 
@@ -151,11 +184,6 @@ def build_model_config(
     _refuse_unknown(cls, source, [k for k in overrides if k not in names], names)
     unknown = [k for k in fields if k not in names and k not in extra and not k.startswith("_")]
     _refuse_unknown(cls, source, unknown, names, extra)
-    n = len(fields.get("block_out_channels", cls.block_out_channels))
-    for key, want in (("down_block_types", _ENCODER_BLOCK), ("up_block_types", _DECODER_BLOCK)):
-        got = fields.get(key)
-        if got is not None and (len(got) != n or any(t != want for t in got)):
-            raise ValueError(f"unsupported {key} {got}: ldm_vae builds only {want} blocks")
     if fields.get("act_fn", "silu") != "silu":
         raise ValueError(f"unsupported act_fn {fields['act_fn']!r}: ldm_vae uses silu")
     if fields.get("norm_type", "group") != "group":
@@ -166,7 +194,23 @@ def build_model_config(
         raise ValueError("per-channel latents_mean/latents_std configs are not supported")
     kwargs = {k: v for k, v in fields.items() if k in names}
     kwargs.update(overrides)
+    _replain_levels(kwargs, overrides)
     return cls(**kwargs)
+
+
+def _replain_levels(kwargs: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Drops all-plain level types that an override of ``block_out_channels`` changed the length of.
+
+    Plain types follow the number of levels (``preset, block_out_channels=(8,)`` stays valid); types with
+    attention do not, and then the config refuses the mismatch.
+    """
+    if "block_out_channels" not in overrides:
+        return
+    n = len(overrides["block_out_channels"])
+    for key, (plain, _) in _BLOCK_TYPES.items():
+        types = kwargs.get(key, ())
+        if key not in overrides and len(types) != n and all(t == plain for t in types):
+            kwargs.pop(key, None)
 
 
 def _refuse_unknown(
@@ -200,11 +244,78 @@ PRESETS: dict[str, AutoencoderKLConfig] = {
     "tiny": AutoencoderKLConfig(
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=1.0, sample_size=32
     ),
+    # The KL first stages of the LDM model zoo (CompVis/latent-diffusion models/first_stage_models/*/config.yaml:
+    # ch 128, num_res_blocks 2, resolution 256). Their latent scale belongs to each diffusion model's config, so
+    # it is 1.0 here except for kl-f8, whose SD value is the one in common use.
+    # models/first_stage_models/kl-f4/config.yaml: ch_mult 1,2,4, z_channels 3, attn_resolutions [].
+    "kl-f4": AutoencoderKLConfig(
+        block_out_channels=(128, 256, 512), latent_channels=3, scaling_factor=1.0, sample_size=256
+    ),
+    # models/first_stage_models/kl-f8/config.yaml: ch_mult 1,2,4,4, z_channels 4, attn_resolutions [].
+    "kl-f8": AutoencoderKLConfig(sample_size=256),
+    # models/first_stage_models/kl-f16/config.yaml: ch_mult 1,1,2,2,4, z_channels 16, attn_resolutions [16].
+    "kl-f16": AutoencoderKLConfig(
+        block_out_channels=(128, 128, 256, 256, 512),
+        **attention_block_types((False, False, False, False, True)),
+        latent_channels=16,
+        scaling_factor=1.0,
+        sample_size=256,
+    ),
+    # models/first_stage_models/kl-f32/config.yaml: ch_mult 1,1,2,2,4,4, z_channels 64, attn_resolutions
+    # [16, 8].
+    "kl-f32": AutoencoderKLConfig(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        **attention_block_types((False, False, False, False, True, True)),
+        latent_channels=64,
+        scaling_factor=1.0,
+        sample_size=256,
+    ),
 }
 
 VQ_PRESETS: dict[str, VQConfig] = {
-    # VQ-f8 of Latent Diffusion (vq-f8: 16384 codes of dim 4).
-    "vq-f8": VQConfig(),
+    # The VQ first stages of the LDM model zoo (CompVis/latent-diffusion models/first_stage_models/*/config.yaml:
+    # ch 128, num_res_blocks 2, resolution 256, z_channels = embed_dim).
+    # models/first_stage_models/vq-f4/config.yaml: ch_mult 1,2,4, 8192 codes of dim 3, attn_resolutions [].
+    "vq-f4": VQConfig(block_out_channels=(128, 256, 512), latent_channels=3, num_vq_embeddings=8192),
+    # models/first_stage_models/vq-f4-noattn/config.yaml: as vq-f4 with attn_type none (no mid attention).
+    "vq-f4-noattn": VQConfig(
+        block_out_channels=(128, 256, 512),
+        latent_channels=3,
+        num_vq_embeddings=8192,
+        mid_block_add_attention=False,
+    ),
+    # models/first_stage_models/vq-f8/config.yaml: ch_mult 1,2,2,4, 16384 codes of dim 4, attn_resolutions [32].
+    "vq-f8": VQConfig(
+        block_out_channels=(128, 256, 256, 512), **attention_block_types((False, False, False, True))
+    ),
+    # models/first_stage_models/vq-f8-n256/config.yaml: as vq-f8 with 256 codes.
+    "vq-f8-n256": VQConfig(
+        block_out_channels=(128, 256, 256, 512),
+        **attention_block_types((False, False, False, True)),
+        num_vq_embeddings=256,
+    ),
+    # models/first_stage_models/vq-f16/config.yaml: ch_mult 1,1,2,2,4, 16384 codes of dim 8, attn_resolutions
+    # [16].
+    "vq-f16": VQConfig(
+        block_out_channels=(128, 128, 256, 256, 512),
+        **attention_block_types((False, False, False, False, True)),
+        latent_channels=8,
+    ),
+    # taming-transformers' ImageNet f16 VQGANs (configs/imagenet_vqgan.yaml: ch 128, ch_mult 1,1,2,2,4,
+    # num_res_blocks 2, z_channels 256, 1024 codes of dim 256, attn_resolutions [16]); the 16384-code model's
+    # config is the same with n_embed 16384.
+    "vqgan-imagenet-f16-1024": VQConfig(
+        block_out_channels=(128, 128, 256, 256, 512),
+        **attention_block_types((False, False, False, False, True)),
+        latent_channels=256,
+        num_vq_embeddings=1024,
+    ),
+    "vqgan-imagenet-f16-16384": VQConfig(
+        block_out_channels=(128, 128, 256, 256, 512),
+        **attention_block_types((False, False, False, False, True)),
+        latent_channels=256,
+        num_vq_embeddings=16384,
+    ),
     # For tests: two levels (f=2), 32 codes.
     "tiny": VQConfig(
         block_out_channels=(8, 16),

@@ -1,6 +1,7 @@
 """Encoder and decoder of the Latent Diffusion autoencoder (Rombach et al., 2022, App. G; Esser et al., 2021).
 
-Module and parameter names are diffusers' (``down_blocks.i.resnets.j.norm1``, ``mid_block.attentions.0.to_q``),
+Module and parameter names are diffusers' (``down_blocks.i.resnets.j.norm1``, ``mid_block.attentions.0.to_q``,
+``down_blocks.i.attentions.j.to_q`` in attention levels),
 so ``state_dict()`` is a diffusers ``AutoencoderKL``/``VQModel`` state dict with no renaming.
 
 Each network is a flat list of :class:`Unit` s. ``forward`` runs them in order; the exact tiler
@@ -29,6 +30,8 @@ class Architecture(Protocol):
     """The config fields that shape an Encoder/Decoder (both autoencoder configs have them)."""
 
     block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]  # per encoder level; Attn* levels run attention after each resnet
+    up_block_types: tuple[str, ...]  # per decoder level, from the lowest resolution
     layers_per_block: int
     norm_num_groups: int
     mid_block_add_attention: bool
@@ -110,7 +113,11 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all positions, with a residual (LDM's AttnBlock)."""
+    """Single-head self-attention over all positions, with a residual (LDM's AttnBlock).
+
+    diffusers builds the same module in the mid block and in Attn*EncoderBlock2D/Attn*DecoderBlock2D levels:
+    ``attention_head_dim`` = channels (one head), GroupNorm with eps 1e-6, residual, output rescale 1.
+    """
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -197,22 +204,32 @@ def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int) 
     return nn.ModuleList(ResnetBlock(a, b, groups) for a, b in itertools.pairwise(chans))
 
 
+def attention_chain(channels: int, layers: int, groups: int, attention: bool) -> nn.ModuleList:
+    """One attention per resnet of an attention level (after it), or none."""
+    return nn.ModuleList(Attention(channels, groups) for _ in range(layers if attention else 0))
+
+
 class DownBlock(nn.Module):
-    """One encoder level (diffusers' DownEncoderBlock2D)."""
+    """One encoder level (diffusers' DownEncoderBlock2D, or AttnDownEncoderBlock2D with ``attention``)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool
+        self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool, attention: bool
     ) -> None:
         super().__init__()
+        # Attentions first: diffusers' Attn blocks register them first, which orders state_dict keys.
+        self.attentions = attention_chain(out_channels, layers, groups, attention)
         self.resnets = resnet_chain(in_channels, out_channels, layers, groups)
         self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
 
 
 class UpBlock(nn.Module):
-    """One decoder level (diffusers' UpDecoderBlock2D)."""
+    """One decoder level (diffusers' UpDecoderBlock2D, or AttnUpDecoderBlock2D with ``attention``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool, attention: bool
+    ) -> None:
         super().__init__()
+        self.attentions = attention_chain(out_channels, layers, groups, attention)
         self.resnets = resnet_chain(in_channels, out_channels, layers, groups)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
 
@@ -268,6 +285,12 @@ def _mid_units(mid: MidBlock) -> list[Unit]:
     return [*units, Unit.of(mid.resnets[1], convs=2)]
 
 
+def _level_units(block: DownBlock | UpBlock) -> list[Unit]:
+    """Each resnet, followed by its attention in an attention level (global: never tiled)."""
+    attentions = [[Unit.of(a, is_global=True)] for a in block.attentions] or [[] for _ in block.resnets]
+    return [u for r, a in zip(block.resnets, attentions, strict=True) for u in (Unit.of(r, convs=2), *a)]
+
+
 class _Sequential(nn.Module):
     """Runs :meth:`units` in order, with optional per-unit gradient checkpointing."""
 
@@ -291,7 +314,14 @@ class Encoder(_Sequential):
         chans, groups, layers = arch.block_out_channels, arch.norm_num_groups, arch.layers_per_block
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(chans[max(i - 1, 0)], c, layers, groups, downsample=i < len(chans) - 1)
+            DownBlock(
+                chans[max(i - 1, 0)],
+                c,
+                layers,
+                groups,
+                downsample=i < len(chans) - 1,
+                attention=arch.down_block_types[i].startswith("Attn"),
+            )
             for i, c in enumerate(chans)
         )
         self.mid_block = MidBlock(chans[-1], groups, arch.mid_block_add_attention)
@@ -304,7 +334,7 @@ class Encoder(_Sequential):
     def units(self) -> list[Unit]:
         units = [Unit.of(self.conv_in, convs=1)]  # (B, chans[0], H, W)
         for block in self.down_blocks:
-            units += [Unit.of(r, convs=2) for r in block.resnets]
+            units += _level_units(block)
             units += [Unit.of(d, scale=0.5, convs=1) for d in block.downsamplers]  # halves H, W
         head = Unit(self._head, convs=1, norms=(self.conv_norm_out,))
         return [*units, *_mid_units(self.mid_block), head]
@@ -318,7 +348,14 @@ class Decoder(_Sequential):
         chans, groups = tuple(reversed(arch.block_out_channels)), arch.norm_num_groups
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
         self.up_blocks = nn.ModuleList(
-            UpBlock(chans[max(i - 1, 0)], c, arch.layers_per_block + 1, groups, upsample=i < len(chans) - 1)
+            UpBlock(
+                chans[max(i - 1, 0)],
+                c,
+                arch.layers_per_block + 1,
+                groups,
+                upsample=i < len(chans) - 1,
+                attention=arch.up_block_types[i].startswith("Attn"),
+            )
             for i, c in enumerate(chans)
         )
         # After up_blocks: diffusers registers them in this order (and so orders state_dict keys).
@@ -332,6 +369,6 @@ class Decoder(_Sequential):
     def units(self) -> list[Unit]:
         units = [Unit.of(self.conv_in, convs=1), *_mid_units(self.mid_block)]  # (B, chans[0], h, w)
         for block in self.up_blocks:
-            units += [Unit.of(r, convs=2) for r in block.resnets]
+            units += _level_units(block)
             units += [Unit.of(u, scale=2.0, convs=1) for u in block.upsamplers]  # doubles H, W
         return [*units, Unit(self._head, convs=1, norms=(self.conv_norm_out,))]

@@ -7,7 +7,8 @@ shows as seams and tone shifts. Here the result equals the untiled one up to flo
 * each tile carries a halo wide enough that no 3x3 convolution's zero padding reaches its centre;
 * every GroupNorm uses statistics over the whole image: per-(sample, group) sums and sums of squares are
   accumulated over the tiles' own (non-halo) regions in float64 and combined, not averaged per tile;
-* attention (the mid block, at the lowest resolution) always runs over all positions at once.
+* attention (the mid block's, and that of attention levels after each of their resnets) always runs over all
+  positions at once.
 
 The network is a list of units (:class:`ldm_vae.modules.Unit`). Full-size activations ("stores") are kept only
 where they fit the memory budget; between stores, a GroupNorm's statistics are found by a pass over all tiles

@@ -14,6 +14,14 @@ CONFIGS = {
     "no-mid-attention": AutoencoderKLConfig(
         block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False
     ),
+    # Attention inside the two lowest-resolution levels (AttnDownEncoderBlock2D / AttnUpDecoderBlock2D).
+    "attention-levels": AutoencoderKLConfig(
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+    ),
 }
 
 

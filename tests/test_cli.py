@@ -502,7 +502,8 @@ def test_latent_scaling_is_what_scale_latents_does(preset):
     from ldm_vae.workflows import latent_scaling
 
     config = autoencoder_class(preset).presets[preset]
-    vae = autoencoder_class(preset)(config, block_out_channels=(8,), norm_num_groups=4, layers_per_block=1)
+    small = (8,) * len(config.block_out_channels)  # as many levels as the preset: vq-f8 has attention levels
+    vae = autoencoder_class(preset)(config, block_out_channels=small, norm_num_groups=4, layers_per_block=1)
     scaling, shift = latent_scaling(vae)
     z = torch.randn(2, vae.decode_channels, 3, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(vae.scale_latents(z), (z - shift) * scaling, rtol=0, atol=0)

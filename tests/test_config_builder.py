@@ -169,3 +169,34 @@ def test_constructor_overrides_go_through_the_builder():
             cls(**{key: 1})
         assert str(err.value).startswith(f"{cls.__name__}: unknown config key '{key}'")
         assert "\n" not in str(err.value)
+
+
+def test_level_types_follow_a_level_count_override_only_when_plain():
+    # All-plain level types follow block_out_channels; attention levels must be restated with a new count.
+    vae = AutoencoderKL.from_pretrained("sd", block_out_channels=(8, 16), norm_num_groups=4)
+    assert vae.config.down_block_types == ("DownEncoderBlock2D",) * 2
+    with pytest.raises(ValueError, match="down_block_types has 4 entries for 1 block_out_channels levels"):
+        VQAutoencoder.from_pretrained("vq-f8", block_out_channels=(8,), norm_num_groups=4)
+    small = VQAutoencoder.from_pretrained(
+        "vq-f8",
+        block_out_channels=(8,),
+        down_block_types=("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",),
+        norm_num_groups=4,
+    )
+    assert len(small.encoder.down_blocks[0].attentions) == 2
+
+
+def test_attention_block_types_are_fields_and_go_to_config_json():
+    cfg = build_model_config(
+        VQConfig, {"down_block_types": ["AttnDownEncoderBlock2D"] * 4, "norm_type": "group"}, {}, "x"
+    )
+    assert cfg.down_block_types == ("AttnDownEncoderBlock2D",) * 4  # lists from JSON become tuples
+    assert cfg.up_block_types == ("UpDecoderBlock2D",) * 4  # absent: all plain
+    assert cfg.to_diffusers()["down_block_types"] == ["AttnDownEncoderBlock2D"] * 4
+
+
+def test_kl_and_vq_preset_names_are_distinct_but_tiny():
+    from ldm_vae.config import PRESETS, VQ_PRESETS
+
+    assert set(PRESETS) & set(VQ_PRESETS) == {"tiny"}

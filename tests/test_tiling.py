@@ -1,5 +1,6 @@
 """Exact tiling: tiled encode/decode equal the untiled result up to float rounding."""
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 
 from ldm_vae import AutoencoderKL, AutoencoderKLConfig, VQAutoencoder, tiling
-from ldm_vae.config import PRESETS
+from ldm_vae.config import PRESETS, attention_block_types
 from ldm_vae.metrics import psnr
 from ldm_vae.modules import GroupNorm
 
 THREE_LEVELS = AutoencoderKLConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
+# Attention inside the two lower levels: global units between tiled stretches, in encoder and decoder.
+ATTENTION_LEVELS = dataclasses.replace(THREE_LEVELS, **attention_block_types((False, True, True)))
 
 
 def check_close(tiled, ref):
@@ -22,7 +25,9 @@ def check_close(tiled, ref):
     assert psnr(tiled, ref, data_range=span).min() >= 90
 
 
-@pytest.mark.parametrize("config", [PRESETS["tiny"], THREE_LEVELS], ids=["f2", "f4"])
+@pytest.mark.parametrize(
+    "config", [PRESETS["tiny"], THREE_LEVELS, ATTENTION_LEVELS], ids=["f2", "f4", "f4-attention-levels"]
+)
 @pytest.mark.parametrize("size", [(64, 64), (52, 36), (45, 29)], ids=str)
 @torch.no_grad()
 def test_tiled_equals_untiled(config, size):
