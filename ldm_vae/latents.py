@@ -131,6 +131,17 @@ def cache_settings(
     return json.loads(json.dumps(settings))
 
 
+def check_views(factor: int, num_files: int, resolution: int, views: int) -> None:
+    """Raises ValueError (one line) unless ``views`` crops of ``resolution`` px of ``num_files`` images can be
+    encoded by a model that downsamples by ``factor``."""
+    if resolution < factor or resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a positive multiple of the model's factor {factor}")
+    if not num_files:
+        raise ValueError("no images to encode")
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+
+
 def cache_fingerprint(settings: dict[str, Any], images: Sequence[Sequence[str]]) -> str:
     """SHA-256 of a cache's settings and its (name, content SHA-256) images: equal fingerprints, equal latents."""
     key = json.dumps({"settings": settings, "images": [list(i) for i in images]}, sort_keys=True)
@@ -314,13 +325,7 @@ def cache_latents(
     """
     from accelerate import PartialState
 
-    f = vae.config.downsample_factor
-    if resolution < f or resolution % f:
-        raise ValueError(f"resolution {resolution} is not a positive multiple of the model's factor {f}")
-    if not files:
-        raise ValueError("no images to encode")
-    if views < 1:
-        raise ValueError(f"views must be at least 1, got {views}")
+    check_views(vae.config.downsample_factor, len(files), resolution, views)
     out_dir = Path(out_dir)
     state = PartialState(cpu=vae.device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
     quiet = None if progress and state.is_local_main_process else True

@@ -37,6 +37,21 @@ def kl_dir(tmp_path_factory) -> Path:
     return AutoencoderKL.from_pretrained("tiny").save_pretrained(tmp_path_factory.mktemp("kl") / "vae")
 
 
+def stats_args(photos: Path, model: Path) -> list[str]:
+    return [
+        "stats",
+        str(photos),
+        "--model",
+        str(model),
+        "--dtype",
+        "fp32",
+        "--resolution",
+        "16",
+        "--views",
+        "2",
+    ]
+
+
 def direct(vae, files, resolution: int, views: int, seed: int = 0) -> dict:
     """The statistics computed the plain way: every item's moments, stacked, reduced in float64."""
     first, second = [], []
@@ -105,18 +120,7 @@ def test_a_cache_gives_the_statistics_of_its_images(photos, kl_dir, tmp_path):
 
 def test_cli_prints_the_factors_and_writes_a_model_with_them(photos, kl_dir, tmp_path, capsys):
     out = tmp_path / "scaled"
-    args = [
-        "stats",
-        str(photos),
-        "--model",
-        str(kl_dir),
-        "--dtype",
-        "fp32",
-        "--resolution",
-        "16",
-        "--views",
-        "2",
-    ]
+    args = stats_args(photos, kl_dir)
     assert main([*args, "--write", str(out), "--shift"]) == 0
     printed = capsys.readouterr().out
     written = json.loads((out / "latent_stats.json").read_text())
@@ -131,23 +135,7 @@ def test_cli_prints_the_factors_and_writes_a_model_with_them(photos, kl_dir, tmp
 
 
 def _rerun(photos: Path, model: Path, capsys) -> str:
-    assert (
-        main(
-            [
-                "stats",
-                str(photos),
-                "--model",
-                str(model),
-                "--dtype",
-                "fp32",
-                "--resolution",
-                "16",
-                "--views",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert main(stats_args(photos, model)) == 0
     return capsys.readouterr().out
 
 
@@ -185,18 +173,7 @@ def test_vq_model_has_no_shift_to_write(photos, tmp_path, capsys):
 
 
 def test_two_processes_split_the_images_and_agree_with_one(photos, kl_dir):
-    args = [
-        "stats",
-        str(photos),
-        "--model",
-        str(kl_dir),
-        "--dtype",
-        "fp32",
-        "--resolution",
-        "16",
-        "--views",
-        "2",
-    ]
+    args = stats_args(photos, kl_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
         [sys.executable, "-m", "ldm_vae.cli", *args], capture_output=True, text=True, env=env

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..images import collect_images
 from ..interface import Autoencoder
 from ..io import write_json
-from ..latents import MANIFEST_NAME, LatentDataset, prepare_image, shards_of_process
+from ..latents import MANIFEST_NAME, LatentDataset, check_views, prepare_image, shards_of_process
 from ..seeds import mix_seed
 from .base import WorkflowError, batches, progress
 
@@ -118,13 +118,7 @@ def image_stats(
 
     Process ``rank`` of ``world`` takes items rank, rank + world, ...; :meth:`MomentSums.all_reduce` combines them.
     """
-    f = vae.config.downsample_factor
-    if resolution < f or resolution % f:
-        raise WorkflowError(f"resolution {resolution} is not a positive multiple of the model's factor {f}")
-    if not files:
-        raise WorkflowError("no images to measure")
-    if views < 1:
-        raise WorkflowError(f"views must be at least 1, got {views}")
+    check_views(vae.config.downsample_factor, len(files), resolution, views)  # as cache-latents checks them
     sums = MomentSums(vae.decode_channels)
     mine = shards_of_process(len(files) * views, rank, world)  # items, not shards: every world-th one
     with torch.inference_mode():
