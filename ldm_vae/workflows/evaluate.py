@@ -76,10 +76,15 @@ def prepare(path: Path, protocol: Protocol) -> Tensor:
 
 def round_trip(vae: Autoencoder, x: Tensor) -> Tensor:
     """One encode/decode of (3, H, W), padded to the model's multiple, cropped back and saved as 8-bit."""
+    return _encode_decode(vae, x)[0]
+
+
+def _encode_decode(vae: Autoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(:func:`round_trip` of ``x``, the latents it decoded (1, C, h, w))."""
     h, w = x.shape[-2:]
     padded = pad_to_multiple(x, vae.config.downsample_factor)[None].to(vae.device)
-    recon = vae.decode(vae.encode_latents(padded))[0, :, :h, :w].cpu()
-    return round_to_8bit(recon)
+    z = vae.encode_latents(padded)
+    return round_to_8bit(vae.decode(z)[0, :, :h, :w].cpu()), z
 
 
 def drift(original: Tensor, recon: Tensor) -> dict[str, Any]:
@@ -130,22 +135,28 @@ def _decodes_finite(vae: Autoencoder, latents: list[Tensor], device: torch.devic
 
 
 def evaluate_model(
-    src: str, files: Sequence[Path], protocol: Protocol, device: torch.device, perceptual: Any, fp16: bool
+    src: str,
+    names: Sequence[str],
+    originals: Sequence[Tensor],
+    protocol: Protocol,
+    device: torch.device,
+    perceptual: Any,
+    fp16: bool,
 ) -> tuple[dict[str, Any], list[Tensor]]:
-    """(results of one model on ``files``, its 8-bit first reconstructions)."""
+    """(results of one model on the prepared images ``originals``, its 8-bit first reconstructions)."""
     memory = PeakMemory(device)
     memory.reset()
     vae = load_model(src, protocol.dtype, device)
     rows, recons, latents, seconds, pixels = [], [], [], 0.0, 0
     with torch.inference_mode():
-        round_trip(vae, prepare(files[0], protocol))  # untimed: first calls pay one-off set-up costs
-        for path in progress(files, len(files), f"eval {src}"):
-            x = prepare(path, protocol)
+        round_trip(vae, originals[0])  # untimed: first calls pay one-off set-up costs
+        for name, x in progress(list(zip(names, originals, strict=True)), len(names), f"eval {src}"):
             start = time.perf_counter()
-            current = round_trip(vae, x)
+            current, z = _encode_decode(vae, x)
             seconds += time.perf_counter() - start
             pixels += x.shape[-1] * x.shape[-2]
-            row = {"image": path.name, "size": list(x.shape[-2:])}
+            latents.append(z.float().cpu())  # for the fp16 check
+            row = {"image": name, "size": list(x.shape[-2:])}
             row.update(psnr=psnr(x, current).item(), ssim=ssim(x, current).item())
             row["lpips"] = perceptual(x[None], current[None]).item() if perceptual is not None else None
             trips, first = {1: drift(x, current)}, current
@@ -156,11 +167,7 @@ def evaluate_model(
             row["drift"] = {str(k): trips[k] for k in protocol.rounds}
             rows.append(row)
             recons.append(first)
-            padded = pad_to_multiple(x, vae.config.downsample_factor)[None].to(vae.device)
-            latents.append(vae.encode_latents(padded).float().cpu())
         peak = memory.peak()
-    # Outside inference mode: weights loaded inside it are inference tensors, which the fast path's kernel
-    # cache cannot key on.
     finite = fp16_finite(src, device, latents) if fp16 else None
     result = {
         "mean": _means(rows, protocol),
@@ -276,11 +283,13 @@ def evaluate(
         "device": str(device),
         "models": {},
     }
-    recons = {}
+    originals = [prepare(p, protocol) for p in files]  # decoded once, shared by every model
+    names, recons = [p.name for p in files], {}
     for src in models:
-        results["models"][src], recons[src] = evaluate_model(src, files, protocol, device, perceptual, fp16)
+        results["models"][src], recons[src] = evaluate_model(
+            src, names, originals, protocol, device, perceptual, fp16
+        )
     write_json(results, out / "results.json")
-    originals = [prepare(p, protocol) for p in files]
     write_report(out, files, protocol, originals, recons, format_results(results))
     return results
 

@@ -10,6 +10,7 @@ are those of infinitely many samples; for a VQ model z is the quantized latent. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable
@@ -182,8 +183,6 @@ def write_with_factors(vae: Autoencoder, stats: LatentStats, out_dir: Path, shif
     Raises:
         WorkflowError: ``shift`` for a model whose config has no shift factor.
     """
-    import dataclasses
-
     changes: dict[str, Any] = {"scaling_factor": stats.scaling_factor}
     if shift:
         if not hasattr(vae.config, "shift_factor"):
