@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .checkpoint import LDM_PREFIXES
 from .checks import check_input, check_shape
-from .config import PRESETS, AutoencoderKLConfig, build_model_config
+from .config import PRESETS, AutoencoderKLConfig
 from .distributions import DiagonalGaussian
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
@@ -30,10 +30,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
 
     def __init__(self, config: AutoencoderKLConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        if overrides:  # through the one builder: an unknown field is a one-line ConfigKeyError
-            base = config or AutoencoderKLConfig()
-            config = build_model_config(type(base), dataclasses.asdict(base), overrides, type(self).__name__)
-        config = config or AutoencoderKLConfig()
+        config = self._config_with(config, overrides)
         self.config = config
         z = config.latent_channels
         self.encoder = Encoder(config.in_channels, 2 * z, config)  # -> moments (mean, logvar)

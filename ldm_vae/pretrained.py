@@ -122,6 +122,15 @@ class PretrainedMixin:
         """Config fields that shapes cannot tell, guessed from the surrounding checkpoint."""
         return {}
 
+    @classmethod
+    def _config_with(cls, config: Any, overrides: dict[str, Any]) -> Any:
+        """``config`` (default: the config class's defaults) with constructor ``overrides``, through the one
+        builder, so an unknown field is a one-line ConfigKeyError as for every other source."""
+        base = config or cls.config_class()
+        if not overrides:
+            return base
+        return build_model_config(type(base), dataclasses.asdict(base), overrides, cls.__name__)
+
     # ------------------------------------------------------------------------------------- runtime
 
     def to_runtime(self, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> Any:

@@ -8,7 +8,6 @@ EMA codebook updates follow VQ-VAE App. A.1; dead codes are re-seeded from curre
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .checks import check_input, check_shape
-from .config import VQ_PRESETS, VQConfig, build_model_config
+from .config import VQ_PRESETS, VQConfig
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
 from .tiling import tiled_forward
@@ -190,10 +189,7 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
 
     def __init__(self, config: VQConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        if overrides:  # through the one builder: an unknown field is a one-line ConfigKeyError
-            base = config or VQConfig()
-            config = build_model_config(type(base), dataclasses.asdict(base), overrides, type(self).__name__)
-        config = config or VQConfig()
+        config = self._config_with(config, overrides)
         self.config = config
         self.encoder = Encoder(config.in_channels, config.latent_channels, config)
         self.quant_conv = nn.Conv2d(config.latent_channels, config.embed_dim, 1)
