@@ -164,7 +164,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         is_main = state.is_main_process
     stats = sums.stats()
     if is_main:
-        print(st.format_stats(stats, *st.current_factors(vae)))
+        print(st.format_stats(stats, *wf.latent_scaling(vae)))
         if out_dir is not None:
             st.write_with_factors(vae, stats, out_dir, args.shift)
             print(

@@ -153,11 +153,6 @@ def stats_inputs(src: str | os.PathLike) -> list[Path]:
     return collect_images([path])
 
 
-def current_factors(vae: Autoencoder) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of the model's config; 0 where it has no shift."""
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
 def format_stats(stats: LatentStats, scaling: float, shift: float) -> str:
     """The measured factors next to the model's, and what the model's factors do to these latents."""
     rows = [
