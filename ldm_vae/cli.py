@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,11 @@ from . import workflows as wf
 from .autoencoders import load_autoencoder
 from .images import collect_images
 from .runtime import DTYPE_NAMES, DTYPES
+
+if TYPE_CHECKING:  # accelerate takes a second to import; the commands that need it import it when they run
+    from accelerate import PartialState
+
+    from .interface import Autoencoder
 
 
 class CLIError(wf.WorkflowError):
@@ -95,18 +101,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 # These commands import their modules when they run: diffusers takes seconds to import, the others never need it.
 
 
+def _launched_model(args: argparse.Namespace) -> tuple[Autoencoder, PartialState]:
+    """The model of a command that `accelerate launch -m ldm_vae.cli` may run in several processes, and the
+    process state: one GPU per process, gloo ranks on CPUs, and a random-init preset the same everywhere."""
+    from accelerate import PartialState
+
+    device = wf.resolve_device(args.device)
+    state = PartialState(cpu=device.type == "cpu")
+    if device.type == "cuda":
+        device = state.device
+    torch.manual_seed(0)  # a random-init preset is then the same model in every process and on every rerun
+    return wf.load_model(args.model, args.dtype, device, args.compile), state
+
+
 def cmd_cache_latents(args: argparse.Namespace) -> int:
     from .latents import cache_latents
 
     data_dir, out_dir = Path(args.data_dir), Path(args.output)
     paths = wf.cache_inputs(data_dir, out_dir)
-    device = wf.resolve_device(args.device)
-    if device.type == "cuda":  # one GPU per process under `accelerate launch`
-        from accelerate import PartialState
-
-        device = PartialState().device
-    torch.manual_seed(0)  # a random-init preset is then the same model in every process and on every rerun
-    vae = wf.require_posterior(wf.load_model(args.model, args.dtype, device, args.compile), args.model)
+    vae = wf.require_posterior(_launched_model(args)[0], args.model)
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     manifest = cache_latents(
         vae,
@@ -138,32 +151,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
     out_dir = wf.output_dir(args.write) if args.write else None
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
         raise CLIError(f"{out_dir}: not empty; --write creates a new model folder")
-    device = wf.resolve_device(args.device)
+    vae, state = _launched_model(args)
     if st.is_cache(args.data):
         sums, manifest = st.cache_stats(args.data)
         if manifest["model"] != args.model and Path(args.model).resolve() != Path(manifest["model"]):
             print(
                 f"warning: {args.data} was encoded by {manifest['model']}, not {args.model}", file=sys.stderr
             )
-        vae = wf.load_model(args.model, args.dtype, device)
-        is_main = True
     else:
-        from accelerate import PartialState
-
         files = st.stats_inputs(args.data)
-        state = PartialState(cpu=device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
-        if device.type == "cuda":
-            device = state.device
-        torch.manual_seed(0)  # a random-init preset is then the same model in every process
-        vae = wf.load_model(args.model, args.dtype, device)
         sums = st.image_stats(
             vae, files, args.resolution, args.views, args.seed, args.batch_size, args.tile_size,
             state.process_index, state.num_processes,
         )  # fmt: skip
         sums.all_reduce()
-        is_main = state.is_main_process
     stats = sums.stats()
-    if is_main:
+    if state.is_main_process:
         print(st.format_stats(stats, *wf.latent_scaling(vae)))
         if out_dir is not None:
             st.write_with_factors(vae, stats, out_dir, args.shift)
