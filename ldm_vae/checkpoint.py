@@ -10,10 +10,11 @@ Our modules carry diffusers' parameter names, so a diffusers folder loads with n
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -205,9 +206,7 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     """
 
     def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"cannot infer the architecture: no tensor {key!r} in the checkpoint")
-        return tuple(state_dict[key].shape)
+        return _shape(state_dict, key)
 
     levels = sorted(
         {int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.block\.0\.", k))}
@@ -241,6 +240,62 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
             use_post_quant_conv="post_quant_conv.weight" in state_dict,
         )
     return fields
+
+
+def _shape(state_dict: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise CheckpointError(f"cannot infer the architecture: no tensor {key!r} in the checkpoint")
+    return tuple(state_dict[key].shape)
+
+
+def infer_flux2_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """:func:`infer_config_fields` of an ``AutoencoderKLFlux2`` (LDM names for the shared Encoder/Decoder,
+    diffusers' ``bn.*`` and top-level quant convs), plus its decoder widths and latent patch size.
+
+    Raises:
+        CheckpointError: black-forest-labs' original layout, which keeps the quant convs inside the encoder
+            and decoder: diffusers' single-file loader has no mapping for it, so neither has ldm_vae.
+    """
+    if any(k in state_dict for k in FLUX2_ORIGINAL_KEYS):
+        raise CheckpointError(
+            "black-forest-labs' original FLUX.2 autoencoder layout (encoder.quant_conv, decoder.post_quant_conv) "
+            "is not read: diffusers' single-file loader has no AutoencoderKLFlux2 mapping; load the diffusers "
+            "folder (FLUX.2's vae/) or its diffusion_pytorch_model.safetensors"
+        )
+    fields = infer_config_fields(state_dict)
+    levels = range(len(fields["block_out_channels"]))
+    # LDM's decoder.up.i works at encoder level i's resolution, as decoder_block_out_channels[i] does.
+    decoder = tuple(_shape(state_dict, f"decoder.up.{i}.block.0.conv1.weight")[0] for i in levels)
+    if decoder != fields["block_out_channels"]:
+        fields["decoder_block_out_channels"] = decoder
+    per_channel = _shape(state_dict, "bn.running_mean")[0] / fields["latent_channels"]
+    patch = math.isqrt(int(per_channel))
+    if patch * patch != per_channel:
+        raise CheckpointError(
+            f"bn.running_mean has {int(per_channel * fields['latent_channels'])} entries: not "
+            f"{fields['latent_channels']} latent channels times a square patch"
+        )
+    fields["patch_size"] = (patch, patch)
+    return fields
+
+
+# Tensors that name the autoencoder class a single file holds: a codebook, or FLUX.2's latent BatchNorm.
+# Anything else is an AutoencoderKL.
+_CLASS_KEYS = (("quantize.embedding.weight", "VQModel"), ("bn.running_mean", "AutoencoderKLFlux2"))
+# Keys of black-forest-labs' own FLUX.2 ae.safetensors that diffusers' layout has at the top level.
+FLUX2_ORIGINAL_KEYS = ("encoder.quant_conv.weight", "decoder.post_quant_conv.weight")
+
+
+def held_class_name(keys: Iterable[str]) -> str:
+    """The diffusers class whose tensors a single file's ``keys`` are: ``VQModel``, ``AutoencoderKLFlux2`` or
+    ``AutoencoderKL``."""
+    keys = list(keys)
+    for prefix in LDM_PREFIXES:  # the autoencoder's own tensors, as strip_prefix takes them
+        if any(k.startswith(prefix) for k in keys):
+            keys = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+            break
+    names = set(keys)
+    return next((name for key, name in _CLASS_KEYS if key in names), "AutoencoderKL")
 
 
 # ------------------------------------------------------------------------------------------ loading

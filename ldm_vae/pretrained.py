@@ -103,12 +103,10 @@ class PretrainedMixin:
             # A diffusers-named single file: go through LDM names so one shape-inference path serves both.
             n = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down_blocks."))
             state_dict = ckpt.to_ldm(state_dict, n)
-        inferred = ckpt.infer_config_fields(state_dict)
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        if not set(inferred) <= names:  # shapes of the other autoencoder kind (a codebook, or none)
-            held = "VQModel" if "num_vq_embeddings" in inferred else "AutoencoderKL"
+        held = ckpt.held_class_name(state_dict)  # a codebook, a latent BatchNorm, or neither
+        if held != cls.diffusers_class_name:
             raise ckpt.CheckpointError(f"{path}: holds a {held}, not a {cls.diffusers_class_name}")
-        fields = {**cls._default_fields_for(full, prefix), **inferred}
+        fields = {**cls._default_fields_for(full, prefix), **cls._infer_fields(state_dict)}
         if config is not None:
             fields.update(_config_fields(config))
         model = cls(build_model_config(cls.config_class, fields, overrides, str(path)))
@@ -116,6 +114,11 @@ class PretrainedMixin:
         converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels)
         ckpt.check_and_load(model, converted, str(path), optional=cls.training_only_prefixes)
         return model
+
+    @classmethod
+    def _infer_fields(cls, state_dict: dict[str, Tensor]) -> dict[str, Any]:
+        """Config fields read off the tensor shapes of an LDM-named state dict."""
+        return ckpt.infer_config_fields(state_dict)
 
     @classmethod
     def _default_fields_for(cls, full: dict[str, Tensor], prefix: str) -> dict[str, Any]:
@@ -211,7 +214,8 @@ class PretrainedMixin:
         }
         if dtype is not None:
             torch_dtype = resolve_dtype(dtype)
-            state_dict = {k: v.to(torch_dtype) for k, v in state_dict.items()}
+            # Floating tensors only: counters such as a BatchNorm's num_batches_tracked stay integers.
+            state_dict = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         return state_dict
 
 
