@@ -2,7 +2,9 @@
 the source names, original sizes and latent scale as metadata.
 
 Encoding writes one; decoding reads one back to images cropped to their original sizes, unscaled with the
-file's own factors.
+file's own factors. FLUX.2 has no global factors (its latents are 2x2 patches normalized per channel, so C is
+4 x 32 at 1/16 of the image size): its files name the class instead, and decode unscales with the model's
+own statistics.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from .base import (
 LATENTS_KEY = "latents"
 
 
-def latent_scaling(vae: Autoencoder) -> tuple[float, float]:
-    """(scaling, shift) with ``vae.scale_latents(z) == (z - shift) * scaling``.
+def latent_scaling(vae: Autoencoder) -> tuple[float, float] | None:
+    """(scaling, shift) with ``vae.scale_latents(z) == (z - shift) * scaling``; None for a model without a
+    ``scaling_factor`` (FLUX.2 normalizes each channel of 2x2 patches: only its ``unscale_latents`` undoes it).
 
     Models without a ``shift_factor`` (VQ) scale without a shift.
     """
+    if not hasattr(vae.config, "scaling_factor"):
+        return None
     return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
@@ -75,7 +80,7 @@ def encode_to_file(
         sample: a seeded sample of a stochastic bottleneck (the KL posterior) instead of its mode.
         tile_size, max_memory: exact tiling (both None: one untiled pass).
     """
-    f = vae.config.downsample_factor
+    f = vae.config.diffusion_downsample_factor
     sizes = image_sizes(paths)
     _check_one_size(paths, sizes, f)
     generator = torch.Generator(vae.device).manual_seed(seed) if sample else None
@@ -89,10 +94,13 @@ def encode_to_file(
             )  # (B, C, H'/f, W'/f)
             chunks.append(vae.scale_latents(z).float().cpu())
     latents = torch.cat(chunks)  # (N, C, h, w)
-    scaling, shift = latent_scaling(vae)
+    scaling = latent_scaling(vae)
     metadata = {
-        "scaling_factor": json.dumps(scaling),
-        "shift_factor": json.dumps(shift),
+        **(
+            {"latent_normalization": type(vae).__name__}  # the model's own statistics
+            if scaling is None
+            else {"scaling_factor": json.dumps(scaling[0]), "shift_factor": json.dumps(scaling[1])}
+        ),
         "source_names": json.dumps([p.name for p in paths]),
         "original_sizes": json.dumps([list(s) for s in sizes]),
         "model": str(model_name),
@@ -158,9 +166,12 @@ def read_latents_file(path: str | Path) -> LatentsFile:
     return LatentsFile(path, z, metadata, names, metadata_list(metadata, "original_sizes", n, path))
 
 
-def file_scaling(vae: Autoencoder, metadata: dict[str, str], path: Path) -> tuple[float, float]:
-    """The (scaling, shift) the file was written with, else the model's; warns when they differ."""
+def file_scaling(vae: Autoencoder, metadata: dict[str, str], path: Path) -> tuple[float, float] | None:
+    """The (scaling, shift) the file was written with, else the model's; warns when they differ. None for a
+    model without a global scale (FLUX.2): its ``unscale_latents`` undoes its own normalization."""
     model = latent_scaling(vae)
+    if model is None:
+        return None
     try:
         stored = tuple(
             float(json.loads(metadata[k]) or 0.0) if k in metadata else m
@@ -190,22 +201,24 @@ def decode_to_folder(
     the files. Checks that the latents fit the model before writing anything."""
     src, z, sizes = file.path, file.latents, file.sizes
     n, c, h, w = z.shape
-    f = vae.config.downsample_factor
-    if c != vae.decode_channels:
-        raise WorkflowError(f"{src}: latents have {c} channels but {model_name} takes {vae.decode_channels}")
+    f = vae.config.diffusion_downsample_factor
+    channels = vae.decode_channels * vae.config.latent_patch**2  # of diffusion-ready latents
+    if c != channels:
+        raise WorkflowError(f"{src}: latents have {c} channels but {model_name} takes {channels}")
     if sizes is not None and any(
         not (isinstance(s, list) and len(s) == 2 and 0 < s[0] <= h * f and 0 < s[1] <= w * f) for s in sizes
     ):
         raise WorkflowError(
             f"{src}: metadata original_sizes do not fit latents of {h}x{w} (images {h * f}x{w * f})"
         )
-    scaling, shift = file_scaling(vae, file.metadata, src)
+    scaling = file_scaling(vae, file.metadata, src)
     outputs = png_outputs(out_dir, [str(x) for x in file.names])
     check_no_overwrite(outputs, [src])
     parts = list(batches(range(n), batch_size))
     with torch.inference_mode():
         for batch in progress(parts, len(parts), "decoding"):
-            raw = z[batch] / scaling + shift  # undo scale_latents with the file's own values
+            # Undo scale_latents with the file's own values, or the model's own normalization.
+            raw = vae.unscale_latents(z[batch]) if scaling is None else z[batch] / scaling[0] + scaling[1]
             images = vae.decode(raw.to(vae.device), tile_size=tile_size, max_memory=max_memory)
             images = images.cpu()  # (B, 3, h*f, w*f)
             for i, image in zip(batch, images, strict=True):

@@ -100,4 +100,11 @@ def describe_model(vae: Autoencoder, name: str, size: tuple[int, int] | None = N
     ph, pw = padded_size((h, w), f)
     padded = f" (image padded to {ph}x{pw})" if (ph, pw) != (h, w) else ""
     lines.append(f"latent shape for a {h}x{w} image: ({vae.decode_channels}, {ph // f}, {pw // f}){padded}")
+    p = cfg.latent_patch
+    if p > 1:  # FLUX.2: scale_latents packs p x p latent patches into channels
+        fp = cfg.diffusion_downsample_factor
+        qh, qw = padded_size((h, w), fp)
+        padded = f" (image padded to {qh}x{qw})" if (qh, qw) != (h, w) else ""
+        shape = f"({vae.decode_channels * p * p}, {qh // fp}, {qw // fp})"
+        lines.append(f"diffusion-ready shape (scale_latents, {p}x{p} patches): {shape}{padded}")
     return lines
