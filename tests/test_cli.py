@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import photo as _photo
+from _cli import run_cli as _run
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -27,21 +29,8 @@ FP32 = ["--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    AutoencoderKL.from_pretrained("tiny").save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def vae(model_dir) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(model_dir)
-
-
-def _photo(path: Path, h: int, w: int, source=data.astronaut) -> Path:
-    Image.fromarray(source()).resize((w, h), Image.Resampling.BICUBIC).save(path)
-    return path
 
 
 @pytest.fixture
@@ -52,12 +41,6 @@ def images(tmp_path) -> Path:
     _photo(folder / "coffee.jpg", 32, 32, data.coffee)
     _photo(folder / "odd.png", 31, 31, data.chelsea)  # pads to 32x32 too (f = 2)
     return folder
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _reference_latents(vae: AutoencoderKL, path: Path) -> torch.Tensor:
@@ -388,15 +371,6 @@ def test_installed_entry_point(tmp_path):
 
 # ------------------------------------------------------------------------------------------ VQ models
 # The same commands on a VQ model, through the common interface: latents are the exact codebook vectors.
-
-
-@pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny-vq"
-    # Code dim 3 (not latent_channels 4) and scale 0.5 (exact in binary), so both are checked for real.
-    VQAutoencoder.from_pretrained("tiny", vq_embed_dim=3, scaling_factor=0.5).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
