@@ -84,14 +84,6 @@ def test_encode_sample_is_seeded(tmp_path, capsys, images, model_dir, vae):
     torch.testing.assert_close(za, want, atol=1e-5, rtol=1e-5)
 
 
-def test_encode_refuses_mixed_sizes_and_writes_nothing(tmp_path, capsys, images, model_dir):
-    _photo(images / "wide.png", 32, 48)
-    out = tmp_path / "z.safetensors"
-    code, _, err = _run(capsys, "encode", images, "-o", out, "--model", model_dir)
-    assert code == 1 and err.startswith("error: images have 2 different") and err.count("\n") == 1
-    assert not out.exists()
-
-
 def test_decode_writes_cropped_pngs_equal_to_the_decoded_tensor(tmp_path, capsys, images, model_dir, vae):
     lat = tmp_path / "z.safetensors"
     assert _run(capsys, "encode", images, "-o", lat, "--model", model_dir, *FP32)[0] == 0
