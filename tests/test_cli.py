@@ -430,6 +430,7 @@ def test_vq_info_counts_the_codebook_and_shapes_code_vectors(capsys, vq_dir, vq)
     assert "codebook: 96 (32 codes of dim 3)" in out
     assert f"total:   {enc + dec + 96:,}" in out
     assert "num_vq_embeddings: 32" in out and "(3, 19, 15) (image padded to 38x30)" in out
+    assert "code indices (encode --indices): (19, 15), 0..31" in out
 
 
 def test_tiny_names_the_kl_preset(capsys):
