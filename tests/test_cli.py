@@ -459,7 +459,7 @@ def test_cache_latents_refuses_a_vq_model(tmp_path, capsys, images, vq_dir):
         capsys, "cache-latents", images, "-o", out, "--model", vq_dir, "--resolution", "16"
     )
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
-    assert "has no posterior" in err and "KL" in err and stdout == ""
+    assert "has no posterior" in err and "KL" in err and "encode --indices" in err and stdout == ""
     assert not out.exists()
 
 
