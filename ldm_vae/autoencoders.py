@@ -20,7 +20,6 @@ from .vq import VQAutoencoder
 #: Model classes by the short name training configs use (``model.kind``).
 AUTOENCODERS: dict[str, type] = {"kl": AutoencoderKL, "vq": VQAutoencoder}
 _BY_DIFFUSERS_NAME = {cls.diffusers_class_name: cls for cls in AUTOENCODERS.values()}
-_VQ_KEY = "quantize.embedding.weight"
 
 
 def autoencoder_class(src: str | os.PathLike) -> type:
@@ -45,21 +44,18 @@ def autoencoder_class(src: str | os.PathLike) -> type:
             known = ", ".join(_BY_DIFFUSERS_NAME)
             raise ckpt.CheckpointError(f"{path}: holds a {class_name}; ldm_vae loads {known}")
         return _BY_DIFFUSERS_NAME[class_name]
-    return VQAutoencoder if _has_codebook(path) else AutoencoderKL
+    return _BY_DIFFUSERS_NAME[ckpt.single_file_class(_keys(path))]
 
 
-def _has_codebook(path: Path) -> bool:
+def _keys(path: Path) -> list[str]:
+    """A single file's tensor names; none when it cannot be read (``from_pretrained`` then names the problem)."""
     if path.suffix == ".safetensors":
         try:  # the header only: no tensor is read
             with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
+                return list(f.keys())
         except (SafetensorError, OSError):
-            return False  # from_pretrained then names the problem
-    elif path.is_file():
-        keys = list(ckpt.read_state_dict(path))
-    else:
-        return False
-    return any(k == _VQ_KEY or k.endswith("." + _VQ_KEY) for k in keys)
+            return []
+    return list(ckpt.read_state_dict(path)) if path.is_file() else []
 
 
 def load_autoencoder(

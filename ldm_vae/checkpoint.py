@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Prefixes of the autoencoder inside full LDM / SD checkpoints (and some community VAE files).
 LDM_PREFIXES = ("first_stage_model.", "vae.")
+# The codebook of a VQ autoencoder (taming's VectorQuantizer and VectorQuantizer2, diffusers' VQModel alike), and
+# VectorQuantizer2's optional list of the codebook rows in use (its ``remap``).
+CODEBOOK_KEY = "quantize.embedding.weight"
+USED_KEY = "quantize.used"
 
 
 class CheckpointError(ValueError):
@@ -177,6 +181,13 @@ def from_ldm(ldm: dict[str, Tensor], diffusers_keys: list[str], num_levels: int)
     return out
 
 
+def single_file_class(keys: Iterable[str]) -> str:
+    """The diffusers class name of the autoencoder behind a single file's keys, bare or under any prefix:
+    ``VQModel`` when they hold a codebook, else ``AutoencoderKL``. The one test of a file's kind."""
+    vq = any(k == CODEBOOK_KEY or k.endswith("." + CODEBOOK_KEY) for k in keys)
+    return "VQModel" if vq else "AutoencoderKL"
+
+
 def is_ldm_layout(state_dict: dict[str, Tensor]) -> bool:
     return any(k.startswith("encoder.down.") or k.startswith("decoder.up.") for k in state_dict)
 
@@ -230,11 +241,13 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
             tuple(f"decoder.up.{i}.attn.0.q.weight" in state_dict for i in levels)
         )["up_block_types"],
     }
-    if "quantize.embedding.weight" in state_dict:
-        n_codes, dim = shape("quantize.embedding.weight")
+    if CODEBOOK_KEY in state_dict:
+        n_codes, dim = shape(CODEBOOK_KEY)
         fields.update(
             num_vq_embeddings=n_codes, vq_embed_dim=dim, latent_channels=shape("encoder.conv_out.weight")[0]
         )
+        if USED_KEY in state_dict:  # VectorQuantizer2's remap; a non-1-D tensor is a shape mismatch on load
+            fields["num_used_codes"] = shape(USED_KEY)[0]
     else:
         fields.update(
             use_quant_conv="quant_conv.weight" in state_dict,
