@@ -44,19 +44,18 @@ def autoencoder_class(src: str | os.PathLike) -> type:
             known = ", ".join(_BY_DIFFUSERS_NAME)
             raise ckpt.CheckpointError(f"{path}: holds a {class_name}; ldm_vae loads {known}")
         return _BY_DIFFUSERS_NAME[class_name]
-    return _BY_DIFFUSERS_NAME[ckpt.held_class_name(_tensor_names(path))]
+    return _BY_DIFFUSERS_NAME[ckpt.single_file_class(_keys(path))]
 
 
-def _tensor_names(path: Path) -> list[str]:
+def _keys(path: Path) -> list[str]:
+    """A single file's tensor names; none when it cannot be read (``from_pretrained`` then names the problem)."""
     if path.suffix == ".safetensors":
         try:  # the header only: no tensor is read
             with safe_open(str(path), framework="pt") as f:
                 return list(f.keys())
         except (SafetensorError, OSError):
-            return []  # from_pretrained then names the problem
-    if path.is_file():
-        return list(ckpt.read_state_dict(path))
-    return []
+            return []
+    return list(ckpt.read_state_dict(path)) if path.is_file() else []
 
 
 def load_autoencoder(

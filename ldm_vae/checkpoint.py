@@ -30,6 +30,12 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Prefixes of the autoencoder inside full LDM / SD checkpoints (and some community VAE files).
 LDM_PREFIXES = ("first_stage_model.", "vae.")
+# The codebook of a VQ autoencoder (taming's VectorQuantizer and VectorQuantizer2, diffusers' VQModel alike), and
+# VectorQuantizer2's optional list of the codebook rows in use (its ``remap``).
+CODEBOOK_KEY = "quantize.embedding.weight"
+USED_KEY = "quantize.used"
+# FLUX.2's BatchNorm over 2x2 latent patches; only its running statistics are used.
+FLUX2_BN_KEY = "bn.running_mean"
 
 
 class CheckpointError(ValueError):
@@ -229,11 +235,13 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
             tuple(f"decoder.up.{i}.attn.0.q.weight" in state_dict for i in levels)
         )["up_block_types"],
     }
-    if "quantize.embedding.weight" in state_dict:
-        n_codes, dim = shape("quantize.embedding.weight")
+    if CODEBOOK_KEY in state_dict:
+        n_codes, dim = shape(CODEBOOK_KEY)
         fields.update(
             num_vq_embeddings=n_codes, vq_embed_dim=dim, latent_channels=shape("encoder.conv_out.weight")[0]
         )
+        if USED_KEY in state_dict:  # VectorQuantizer2's remap; a non-1-D tensor is a shape mismatch on load
+            fields["num_used_codes"] = shape(USED_KEY)[0]
     else:
         fields.update(
             use_quant_conv="quant_conv.weight" in state_dict,
@@ -268,7 +276,7 @@ def infer_flux2_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     decoder = tuple(_shape(state_dict, f"decoder.up.{i}.block.0.conv1.weight")[0] for i in levels)
     if decoder != fields["block_out_channels"]:
         fields["decoder_block_out_channels"] = decoder
-    per_channel = _shape(state_dict, "bn.running_mean")[0] / fields["latent_channels"]
+    per_channel = _shape(state_dict, FLUX2_BN_KEY)[0] / fields["latent_channels"]
     patch = math.isqrt(int(per_channel))
     if patch * patch != per_channel:
         raise CheckpointError(
@@ -279,23 +287,22 @@ def infer_flux2_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     return fields
 
 
-# Tensors that name the autoencoder class a single file holds: a codebook, or FLUX.2's latent BatchNorm.
-# Anything else is an AutoencoderKL.
-_CLASS_KEYS = (("quantize.embedding.weight", "VQModel"), ("bn.running_mean", "AutoencoderKLFlux2"))
+# Tensors that name the autoencoder class a single file holds, in this order: a codebook, or FLUX.2's latent
+# BatchNorm (diffusers' and black-forest-labs' name alike). Anything else is an AutoencoderKL.
+_CLASS_KEYS = ((CODEBOOK_KEY, "VQModel"), (FLUX2_BN_KEY, "AutoencoderKLFlux2"))
 # Keys of black-forest-labs' own FLUX.2 ae.safetensors that diffusers' layout has at the top level.
 FLUX2_ORIGINAL_KEYS = ("encoder.quant_conv.weight", "decoder.post_quant_conv.weight")
 
 
-def held_class_name(keys: Iterable[str]) -> str:
-    """The diffusers class whose tensors a single file's ``keys`` are: ``VQModel``, ``AutoencoderKLFlux2`` or
-    ``AutoencoderKL``."""
+def single_file_class(keys: Iterable[str]) -> str:
+    """The diffusers class name of the autoencoder behind a single file's keys, bare or under any prefix:
+    ``VQModel`` (a codebook), ``AutoencoderKLFlux2`` (a latent BatchNorm) or ``AutoencoderKL``. The one test of
+    a file's kind."""
     keys = list(keys)
-    for prefix in LDM_PREFIXES:  # the autoencoder's own tensors, as strip_prefix takes them
-        if any(k.startswith(prefix) for k in keys):
-            keys = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
-            break
-    names = set(keys)
-    return next((name for key, name in _CLASS_KEYS if key in names), "AutoencoderKL")
+    for key, name in _CLASS_KEYS:
+        if any(k == key or k.endswith("." + key) for k in keys):
+            return name
+    return "AutoencoderKL"
 
 
 # ------------------------------------------------------------------------------------------ loading

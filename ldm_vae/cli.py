@@ -52,10 +52,18 @@ def cmd_encode(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs)
     wf.check_no_overwrite([out], paths)
     vae = wf.load_model(args.model, args.dtype, args.device, args.compile)
-    latents = wf.encode_to_file(
-        vae, paths, out, args.model, args.batch_size, args.sample, args.seed, **_tiling(args)
+    file = wf.encode_to_file(
+        vae,
+        paths,
+        out,
+        args.model,
+        args.batch_size,
+        args.sample,
+        args.seed,
+        **_tiling(args),
+        indices=args.indices,
     )
-    print(f"wrote {wf.LATENTS_KEY} {tuple(latents.shape)} to {out}", file=sys.stderr)
+    print(f"wrote {file.describe()} to {out}", file=sys.stderr)
     return 0
 
 
@@ -268,9 +276,13 @@ def _positive_int(text: str) -> int:
 
 ENCODE_DETAILS = (
     "Writes one (N, C, h, w) 'latents' tensor, scaled for diffusion, with the source names and sizes as "
-    "metadata. Images are padded to the model's multiple; all must pad to the same size."
+    "metadata. Each image is padded to the model's multiple on its own; images of several sizes get one "
+    "(C, h, w) tensor each, named by image. --indices (VQ models): (h, w) code indices instead."
 )
-DECODE_DETAILS = "One PNG per latent, named after its source image and cropped to its original size."
+DECODE_DETAILS = (
+    "One PNG per image, named after its source image and cropped to its original size; reads latents and "
+    "VQ code-index files, stacked or one tensor per image."
+)
 RECONSTRUCT_DETAILS = (
     "Writes the reconstructions (PNG) and metrics.json with per-image and mean PSNR/SSIM, and those of a "
     "bicubic down/up baseline by the model's downsampling factor."
@@ -373,15 +385,23 @@ def _command(
 
 
 def add_encode_parser(sub: _Sub, model: Sequence[argparse.ArgumentParser]) -> None:
-    p = _command(sub, model, cmd_encode, "images -> diffusion-ready latents (.safetensors)", ENCODE_DETAILS)
+    summary = "images -> diffusion-ready latents or VQ code indices (.safetensors)"
+    p = _command(sub, model, cmd_encode, summary, ENCODE_DETAILS)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     p.add_argument("--sample", action="store_true", help="sample the posterior (default: its mode)")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
+    p.add_argument(
+        "--indices",
+        action="store_true",
+        help="VQ models: write the code indices (int32) instead of the scaled code vectors",
+    )
 
 
 def add_decode_parser(sub: _Sub, model: Sequence[argparse.ArgumentParser]) -> None:
-    p = _command(sub, model, cmd_decode, "latents (.safetensors) -> PNG images", DECODE_DETAILS)
+    p = _command(
+        sub, model, cmd_decode, "latents or code indices (.safetensors) -> PNG images", DECODE_DETAILS
+    )
     p.add_argument("latents", metavar="LATENTS.safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
 

@@ -135,6 +135,27 @@ class VQConfig(_Levels):
         None  # EMA codebook updates when set (e.g. 0.99); then the codebook gets no grads
     )
     restart_dead_codes: bool = False  # re-seed codes unused for a while from current encoder outputs
+    # LDM's VectorQuantizer2 index remapping (its ``remap``): the length of the ``used`` buffer that lists the
+    # codebook rows in use; model indices are positions in it. None: indices are codebook rows.
+    num_used_codes: int | None = None
+    # The index of a code that is not in ``used``: "random" (uniform in [0, num_used_codes)), "extra"
+    # (num_used_codes, an index of its own) or an int in [0, num_used_codes). Only with num_used_codes.
+    unknown_index: str | int = "random"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_used_codes is None:
+            return
+        u = self.num_used_codes
+        if u < 1:
+            raise ValueError(f"num_used_codes {u} must be at least 1")
+        ok = self.unknown_index in ("random", "extra") or (
+            type(self.unknown_index) is int and 0 <= self.unknown_index < u
+        )
+        if not ok:
+            raise ValueError(
+                f"unknown_index {self.unknown_index!r}: expected 'random', 'extra' or an int in [0, {u})"
+            )
 
     @property
     def embed_dim(self) -> int:
@@ -148,6 +169,10 @@ class VQConfig(_Levels):
             cfg.pop(key)
         if not self.l2_normalize:  # kept when set: a cosine codebook changes inference
             cfg.pop("l2_normalize")
+        # Kept when set, for ldm_vae to read back; diffusers ignores them (and the used buffer) with a warning.
+        if self.num_used_codes is None:
+            cfg.pop("num_used_codes")
+            cfg.pop("unknown_index")
         cfg.update(
             act_fn="silu",
             norm_type="group",

@@ -84,6 +84,7 @@ class PretrainedMixin:
             model = cls(build_model_config(cls.config_class, raw_cfg, overrides, str(path)))
             state_dict = ckpt.read_diffusers_weights(path, variant)
             ckpt.check_and_load(model, state_dict, str(path), optional=cls.training_only_prefixes)
+            model._check_loaded(str(path))
         elif path.is_file() or path.suffix:
             model = cls._from_single_file(path, config, overrides)
         else:
@@ -103,7 +104,7 @@ class PretrainedMixin:
             # A diffusers-named single file: go through LDM names so one shape-inference path serves both.
             n = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down_blocks."))
             state_dict = ckpt.to_ldm(state_dict, n)
-        held = ckpt.held_class_name(state_dict)  # a codebook, a latent BatchNorm, or neither
+        held = ckpt.single_file_class(state_dict)  # a codebook, a latent BatchNorm, or neither
         if held != cls.diffusers_class_name:
             raise ckpt.CheckpointError(f"{path}: holds a {held}, not a {cls.diffusers_class_name}")
         fields = {**cls._default_fields_for(full, prefix), **cls._infer_fields(state_dict)}
@@ -113,7 +114,11 @@ class PretrainedMixin:
         levels = len(model.config.block_out_channels)
         converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels)
         ckpt.check_and_load(model, converted, str(path), optional=cls.training_only_prefixes)
+        model._check_loaded(str(path))
         return model
+
+    def _check_loaded(self, source: str) -> None:
+        """Checks loaded values that shapes cannot (e.g. a VQ remap's codebook rows); raises CheckpointError."""
 
     @classmethod
     def _infer_fields(cls, state_dict: dict[str, Tensor]) -> dict[str, Any]:
@@ -197,14 +202,24 @@ class PretrainedMixin:
     def save_single_file(
         self, path: str | os.PathLike, dtype: str | torch.dtype | None = None, prefix: str = ""
     ) -> Path:
-        """Writes original LDM key names to a ``.safetensors`` file (``prefix`` e.g. ``first_stage_model.``)."""
+        """Writes original LDM key names to a ``.safetensors`` file (``prefix`` e.g. ``first_stage_model.``).
+
+        The tensors are :meth:`single_file_state_dict`'s: what the original modules load with ``strict=True``.
+        """
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: single files are written as .safetensors only")
+        write_safetensors(self.single_file_state_dict(dtype, prefix), path)
+        return path
+
+    def single_file_state_dict(
+        self, dtype: str | torch.dtype | None = None, prefix: str = ""
+    ) -> dict[str, Tensor]:
+        """The state dict under original LDM / taming names (attention weights as 1x1 convs), training-only
+        state left out; ``dtype`` casts floating tensors only."""
         levels = len(self.config.block_out_channels)  # type: ignore[attr-defined]
         ldm = ckpt.to_ldm(self._export_state_dict(dtype), levels)
-        write_safetensors({prefix + k: v for k, v in ldm.items()}, path)
-        return path
+        return {prefix + k: v for k, v in ldm.items()}
 
     def _export_state_dict(self, dtype: str | torch.dtype | None) -> dict[str, Tensor]:
         state_dict = {
@@ -214,7 +229,8 @@ class PretrainedMixin:
         }
         if dtype is not None:
             torch_dtype = resolve_dtype(dtype)
-            # Floating tensors only: counters such as a BatchNorm's num_batches_tracked stay integers.
+            # Floating tensors only: integer buffers (a VQ remap's code rows, a BatchNorm's num_batches_tracked)
+            # keep their type.
             state_dict = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         return state_dict
 

@@ -3,21 +3,26 @@
 Quantizer loss (VQ-VAE eq. 3): ||sg[z] - e||^2 + beta * ||z - sg[e]||^2 with the straight-through estimator
 z_q = z + sg[e - z]. taming's historical "legacy" placement puts beta on the codebook term instead.
 EMA codebook updates follow VQ-VAE App. A.1; dead codes are re-seeded from current encoder outputs
-(Dhariwal et al., 2020, Jukebox Sec. 3.2).
+(Dhariwal et al., 2020, Jukebox Sec. 3.2). Latent Diffusion's index remapping (taming's ``VectorQuantizer2``,
+``remap``/``unknown_index``) renumbers the codes in a ``used`` list; it changes the reported indices only, never
+the quantized latents.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_input, check_shape
+from . import checkpoint as ckpt
+from .checks import check_indices, check_input, check_shape, is_integer
 from .config import VQ_PRESETS, VQConfig
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
@@ -32,7 +37,7 @@ class VQInfo:
     name: ClassVar[str] = "codebook"
     pixel_reduction: ClassVar[Literal["sum", "mean"]] = "mean"
 
-    indices: Tensor  # (B, h, w) long: code index per latent position
+    indices: Tensor  # (B, h, w) long: code index per latent position (a position in ``used`` under a remap)
     loss: Tensor  # scalar: codebook + commitment terms, beta already applied
     codebook_loss: (
         Tensor  # scalar: ||sg[z] - e||^2 (0 under EMA updates, where no gradient trains the codebook)
@@ -66,7 +71,9 @@ class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup with straight-through gradients.
 
     ``embedding.weight`` is diffusers' ``quantize.embedding.weight``. EMA statistics are buffers that exist only
-    when EMA updates are on; they are training state, never exported.
+    when EMA updates are on; they are training state, never exported. With ``num_used_codes``, the ``used``
+    buffer (VectorQuantizer2's, exported) renumbers the reported indices: index i stands for codebook row
+    ``used[i]``.
     """
 
     def __init__(
@@ -79,6 +86,8 @@ class VectorQuantizer(nn.Module):
         ema_decay: float | None = None,
         restart_dead_codes: bool = False,
         dead_threshold: float = 0.01,
+        num_used_codes: int | None = None,
+        unknown_index: str | int = "random",
     ) -> None:
         super().__init__()
         self.num_codes, self.dim, self.beta, self.legacy = num_codes, dim, beta, legacy
@@ -94,19 +103,63 @@ class VectorQuantizer(nn.Module):
             # Running fraction of assignments per code, starting uniform; a code whose share decays below
             # dead_threshold / num_codes (about 460 steps unused at decay 0.99) is dead.
             self.register_buffer("ema_usage", torch.full((num_codes,), 1.0 / num_codes))
+        # Persistent, so checkpoints carry it as the original's; the first rows until a checkpoint sets it.
+        self.used: Tensor | None
+        self.register_buffer("used", None if num_used_codes is None else torch.arange(num_used_codes))
+        self.unknown_index = unknown_index
 
     def codebook(self, weight: Tensor | None = None) -> Tensor:
         """The code vectors (num_codes, dim): ``weight`` (default ``embedding.weight``), unit-normalized if set."""
         e = self.embedding.weight if weight is None else weight
         return F.normalize(e, dim=1) if self.l2_normalize else e
 
-    def lookup(self, indices: Tensor) -> Tensor:
-        """Indices (B, h, w) -> quantized latents (B, dim, h, w)."""
-        return rearrange(F.embedding(indices, self.codebook()), "b h w c -> b c h w")
+    @property
+    def num_indices(self) -> int:
+        """How many distinct indices ``forward`` reports and ``lookup`` takes (VectorQuantizer2's ``re_embed``)."""
+        if self.used is None:
+            return self.num_codes
+        return self.used.shape[0] + (self.unknown_index == "extra")
 
-    def forward(self, z: Tensor) -> tuple[Tensor, VQInfo]:
-        """Latents (B, dim, h, w) -> (z_q with straight-through gradient, VQInfo)."""
+    def remap(self, rows: Tensor) -> Tensor:
+        """Codebook rows -> model indices (VectorQuantizer2.remap_to_used): the first position of each row in
+        ``used``; a row not in it gets ``unknown_index``. The identity without ``used``."""
+        if self.used is None:
+            return rows
+        u = self.used.shape[0]
+        # A (num_codes,) table of first positions (u: absent), not the original's (N, u) match matrix.
+        positions = torch.arange(u, device=rows.device)
+        first = rows.new_full((self.num_codes,), u).scatter_reduce_(0, self.used, positions, "amin")
+        new = first[rows]
+        if self.unknown_index == "random":
+            # One draw per position, sync-free: the original draws only for the unknown ones (same uniform law
+            # on [0, u), other numbers).
+            fill = torch.randint(0, u, rows.shape, device=rows.device)
+        else:
+            fill = torch.full_like(rows, u if self.unknown_index == "extra" else int(self.unknown_index))
+        return torch.where(new < u, new, fill)
+
+    def unmap(self, indices: Tensor) -> Tensor:
+        """Model indices -> codebook rows (VectorQuantizer2.unmap_to_all): ``used[i]``; the "extra" index is
+        row ``used[0]``, as the original sets it to 0. The identity without ``used``."""
+        if self.used is None:
+            return indices
+        return self.used[torch.where(indices < self.used.shape[0], indices, 0)]
+
+    def embed(self, rows: Tensor) -> Tensor:
+        """Codebook rows (B, h, w) -> their vectors (B, dim, h, w)."""
+        return rearrange(F.embedding(rows, self.codebook()), "b h w c -> b c h w")
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """Model indices (B, h, w), as ``forward`` reports them -> quantized latents (B, dim, h, w)."""
+        return self.embed(self.unmap(indices))
+
+    def nearest(self, z: Tensor) -> Tensor:
+        """Latents (B, dim, h, w) -> the nearest codebook row per position (B, h, w), before any remap."""
         b, _, h, w = z.shape
+        return self._assign(z)[3].view(b, h, w)
+
+    def _assign(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(z as (B, h, w, dim), its rows (N, dim), the codebook (num_codes, dim), nearest row per row (N,))."""
         # Contiguous channels-last copies as diffusers makes them: layouts decide the rounding downstream.
         z = rearrange(z, "b c h w -> b h w c").float().contiguous()
         if self.l2_normalize:
@@ -117,7 +170,12 @@ class VectorQuantizer(nn.Module):
             # _update rewrites the weight in place on every step (sync-free), so the graph holds a copy.
             weight = weight.clone()
         codes = self.codebook(weight).float()
-        indices = torch.argmin(torch.cdist(flat, codes), dim=1)  # (N,)
+        return z, flat, codes, torch.argmin(torch.cdist(flat, codes), dim=1)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, VQInfo]:
+        """Latents (B, dim, h, w) -> (z_q with straight-through gradient, VQInfo)."""
+        b, _, h, w = z.shape
+        z, flat, codes, indices = self._assign(z)
         z_q = codes[indices].view_as(z)
 
         commitment = torch.mean((z - z_q.detach()) ** 2)
@@ -137,7 +195,7 @@ class VectorQuantizer(nn.Module):
 
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
         info = VQInfo(
-            indices=indices.view(b, h, w),
+            indices=self.remap(indices.view(b, h, w)),  # usage and perplexity above count codebook rows
             loss=loss,
             codebook_loss=codebook_term.detach(),
             commitment_loss=commitment.detach(),
@@ -201,6 +259,8 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
             l2_normalize=config.l2_normalize,
             ema_decay=config.ema_decay,
             restart_dead_codes=config.restart_dead_codes,
+            num_used_codes=config.num_used_codes,
+            unknown_index=config.unknown_index,
         )
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config.latent_channels, config.out_channels, config)
@@ -238,10 +298,10 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         max_memory: int | None = None,
     ) -> Tensor:
         """Images -> quantized latents (B, embed_dim, H/f, W/f), what ``decode`` takes: exactly the codebook
-        vectors of the nearest codes (``forward``'s straight-through sum z + (e - z) rounds them). Quantization
-        is deterministic: ``sample`` and ``generator`` are accepted for the common contract and change nothing."""
-        _, info = self.quantize(self.encode(x, tile_size, max_memory))
-        return self.quantize.lookup(info.indices)
+        vectors of the nearest codes (``forward``'s straight-through sum z + (e - z) rounds them), whatever the
+        remap. Quantization is deterministic: ``sample`` and ``generator`` are accepted for the common contract
+        and change nothing."""
+        return self.quantize.embed(self.quantize.nearest(self.encode(x, tile_size, max_memory)))
 
     def encode_moments(
         self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
@@ -253,8 +313,43 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
     def decode_indices(
         self, indices: Tensor, tile_size: int | None = None, max_memory: int | None = None
     ) -> Tensor:
-        """Code indices (B, h, w) -> images."""
-        return self.decode(self.quantize.lookup(indices), tile_size, max_memory)
+        """Code indices (B, h, w), as ``forward`` reports them (positions in ``used`` under a remap) -> images.
+
+        Raises:
+            ValueError: not an integer (B, h, w) tensor, or an index outside [0, ``quantize.num_indices``).
+        """
+        check_indices(indices, self.quantize.num_indices)
+        return self.decode(self.quantize.lookup(indices.long()), tile_size, max_memory)
+
+    def set_remap(
+        self, used: Tensor | str | os.PathLike | None, unknown_index: str | int = "random"
+    ) -> VQAutoencoder:
+        """Renumbers the code indices as LDM's ``VectorQuantizer2(remap=..., unknown_index=...)``; returns self.
+
+        Checkpoints of a remapped model carry ``used`` and load with it; this is for a list that comes apart.
+
+        Args:
+            used: the codebook rows in use, in index order: a 1-D integer tensor or the original's ``.npy``
+                file (read without pickles); None removes the remap.
+            unknown_index: "random", "extra" or an int, as :class:`~ldm_vae.config.VQConfig`'s field.
+
+        Raises:
+            CheckpointError: an unreadable ``.npy``, or rows outside the codebook.
+            ValueError: an invalid ``unknown_index``.
+        """
+        if used is not None and not isinstance(used, Tensor):
+            used = read_used_codes(used)
+        n = None if used is None else int(used.shape[0])
+        config = self._config_with(self.config, {"num_used_codes": n, "unknown_index": unknown_index})
+        if used is not None:
+            check_used_codes(used, config.num_vq_embeddings, "used")
+            used = used.to(device=self.device, dtype=torch.long)
+        self.config, self.quantize.used, self.quantize.unknown_index = config, used, unknown_index
+        return self
+
+    def _check_loaded(self, source: str) -> None:
+        if self.quantize.used is not None:
+            check_used_codes(self.quantize.used, self.config.num_vq_embeddings, f"{source}: quantize.used")
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
@@ -285,3 +380,28 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
 
     def unscale_latents(self, z: Tensor) -> Tensor:
         return z / self.config.scaling_factor
+
+
+def read_used_codes(path: str | os.PathLike) -> Tensor:
+    """The ``used`` list of a ``.npy`` file (VectorQuantizer2's ``remap``), read with ``allow_pickle=False``.
+
+    Raises:
+        CheckpointError: unreadable, pickled, or not a 1-D integer array.
+    """
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: not a readable .npy of code indices ({e})") from None
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ckpt.CheckpointError(f"{path}: expected a 1-D integer array, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def check_used_codes(used: Tensor, num_codes: int, what: str) -> None:
+    """Raises CheckpointError with one line unless ``used`` is a 1-D integer tensor of rows in [0, num_codes)."""
+    if used.ndim != 1 or not is_integer(used):
+        raise ckpt.CheckpointError(
+            f"{what}: expected a 1-D integer tensor, got {used.dtype} {tuple(used.shape)}"
+        )
+    if used.numel() == 0 or int(used.min()) < 0 or int(used.max()) >= num_codes:
+        raise ckpt.CheckpointError(f"{what}: codebook rows must lie in [0, {num_codes}) and be at least one")

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import photo as _photo
+from _cli import run_cli as _run
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -27,21 +29,8 @@ FP32 = ["--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    AutoencoderKL.from_pretrained("tiny").save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def vae(model_dir) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(model_dir)
-
-
-def _photo(path: Path, h: int, w: int, source=data.astronaut) -> Path:
-    Image.fromarray(source()).resize((w, h), Image.Resampling.BICUBIC).save(path)
-    return path
 
 
 @pytest.fixture
@@ -52,12 +41,6 @@ def images(tmp_path) -> Path:
     _photo(folder / "coffee.jpg", 32, 32, data.coffee)
     _photo(folder / "odd.png", 31, 31, data.chelsea)  # pads to 32x32 too (f = 2)
     return folder
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _reference_latents(vae: AutoencoderKL, path: Path) -> torch.Tensor:
@@ -99,14 +82,6 @@ def test_encode_sample_is_seeded(tmp_path, capsys, images, model_dir, vae):
     with torch.no_grad():
         want = vae.scale_latents(vae.encode(x).sample(torch.Generator().manual_seed(7)))
     torch.testing.assert_close(za, want, atol=1e-5, rtol=1e-5)
-
-
-def test_encode_refuses_mixed_sizes_and_writes_nothing(tmp_path, capsys, images, model_dir):
-    _photo(images / "wide.png", 32, 48)
-    out = tmp_path / "z.safetensors"
-    code, _, err = _run(capsys, "encode", images, "-o", out, "--model", model_dir)
-    assert code == 1 and err.startswith("error: images have 2 different") and err.count("\n") == 1
-    assert not out.exists()
 
 
 def test_decode_writes_cropped_pngs_equal_to_the_decoded_tensor(tmp_path, capsys, images, model_dir, vae):
@@ -391,15 +366,6 @@ def test_installed_entry_point(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "tiny-vq"
-    # Code dim 3 (not latent_channels 4) and scale 0.5 (exact in binary), so both are checked for real.
-    VQAutoencoder.from_pretrained("tiny", vq_embed_dim=3, scaling_factor=0.5).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def vq(vq_dir) -> VQAutoencoder:
     return VQAutoencoder.from_pretrained(vq_dir)
 
@@ -464,6 +430,7 @@ def test_vq_info_counts_the_codebook_and_shapes_code_vectors(capsys, vq_dir, vq)
     assert "codebook: 96 (32 codes of dim 3)" in out
     assert f"total:   {enc + dec + 96:,}" in out
     assert "num_vq_embeddings: 32" in out and "(3, 19, 15) (image padded to 38x30)" in out
+    assert "code indices (encode --indices): (19, 15), 0..31" in out
 
 
 def test_tiny_names_the_kl_preset(capsys):
@@ -492,7 +459,7 @@ def test_cache_latents_refuses_a_vq_model(tmp_path, capsys, images, vq_dir):
         capsys, "cache-latents", images, "-o", out, "--model", vq_dir, "--resolution", "16"
     )
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
-    assert "has no posterior" in err and "KL" in err and stdout == ""
+    assert "has no posterior" in err and "KL" in err and "encode --indices" in err and stdout == ""
     assert not out.exists()
 
 

@@ -11,13 +11,14 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from _cli import photo as _photo
+from _cli import run_cli as _run
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from skimage import data
-from test_cli import FP32, _photo, _run
 from test_tiling import check_close
 
 from ldm_vae import (
@@ -39,6 +40,7 @@ from ldm_vae.workflows import stats as st
 TINY = AutoencoderKLFlux2Config(
     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=32
 )
+FP32 = ["--dtype", "fp32"]
 CONFIGS = {
     "tiny": TINY,
     # Three levels (f = 4), a decoder of half the width (FLUX.2's small decoder is 3/4), no quant_conv.
@@ -270,15 +272,15 @@ def test_fast_path_matches_reference():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def flux2_dir(tmp_path_factory) -> Path:
     return flux2(CONFIGS["narrow-decoder"]).save_pretrained(tmp_path_factory.mktemp("flux2") / "vae")
 
 
 @torch.no_grad()
-def test_save_pretrained_loads_in_diffusers_and_back(model_dir, tmp_path):
-    ours = AutoencoderKLFlux2.from_pretrained(model_dir)
-    assert json.loads((model_dir / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
-    theirs = diffusers.AutoencoderKLFlux2.from_pretrained(model_dir).eval()
+def test_save_pretrained_loads_in_diffusers_and_back(flux2_dir, tmp_path):
+    ours = AutoencoderKLFlux2.from_pretrained(flux2_dir)
+    assert json.loads((flux2_dir / "config.json").read_text())["_class_name"] == "AutoencoderKLFlux2"
+    theirs = diffusers.AutoencoderKLFlux2.from_pretrained(flux2_dir).eval()
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.equal(ours.encode(x).mean, theirs.encode(x).latent_dist.mean)
     z = torch.randn(1, 4, 8, 8)
@@ -292,11 +294,11 @@ def test_save_pretrained_loads_in_diffusers_and_back(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("prefix", ["", "vae."])
-def test_a_diffusers_named_single_file_loads_with_its_shapes(model_dir, tmp_path, prefix):
+def test_a_diffusers_named_single_file_loads_with_its_shapes(flux2_dir, tmp_path, prefix):
     """diffusers' single-file loader has no AutoencoderKLFlux2 mapping, so a single file has diffusers' names
     (e.g. FLUX.2's vae/diffusion_pytorch_model.safetensors on its own); the BatchNorm names the class."""
-    ours = AutoencoderKLFlux2.from_pretrained(model_dir)
-    tensors = load_file(model_dir / "diffusion_pytorch_model.safetensors")
+    ours = AutoencoderKLFlux2.from_pretrained(flux2_dir)
+    tensors = load_file(flux2_dir / "diffusion_pytorch_model.safetensors")
     single = tmp_path / "flux2-vae.safetensors"
     save_file({prefix + k: v for k, v in tensors.items()}, single)
     loaded = load_autoencoder(single, norm_num_groups=4)  # group counts are not in the shapes
@@ -307,8 +309,8 @@ def test_a_diffusers_named_single_file_loads_with_its_shapes(model_dir, tmp_path
         AutoencoderKL.from_pretrained(single)
 
 
-def test_files_without_a_mapping_are_refused(model_dir, tmp_path):
-    ours = AutoencoderKLFlux2.from_pretrained(model_dir)
+def test_files_without_a_mapping_are_refused(flux2_dir, tmp_path):
+    ours = AutoencoderKLFlux2.from_pretrained(flux2_dir)
     with pytest.raises(ValueError, match="no LDM single-file layout"):
         ours.save_single_file(tmp_path / "x.safetensors")
     # black-forest-labs' own ae.safetensors: LDM names, quant convs inside encoder and decoder.
@@ -338,10 +340,10 @@ def images(tmp_path) -> Path:
 
 
 @torch.no_grad()
-def test_cli_encode_writes_the_pipelines_latents_and_decode_inverts_them(tmp_path, capsys, images, model_dir):
-    vae = AutoencoderKLFlux2.from_pretrained(model_dir)
+def test_cli_encode_writes_the_pipelines_latents_and_decode_inverts_them(tmp_path, capsys, images, flux2_dir):
+    vae = AutoencoderKLFlux2.from_pretrained(flux2_dir)
     lat, out = tmp_path / "z.safetensors", tmp_path / "out"
-    code, _, err = _run(capsys, "encode", images, "-o", lat, "--model", model_dir, *FP32)
+    code, _, err = _run(capsys, "encode", images, "-o", lat, "--model", flux2_dir, *FP32)
     assert code == 0, err
     with safe_open(str(lat), "pt") as f:
         meta, z = f.metadata(), f.get_tensor("latents")
@@ -350,7 +352,7 @@ def test_cli_encode_writes_the_pipelines_latents_and_decode_inverts_them(tmp_pat
     x = torch.stack([pad_to_multiple(load_image(images / n), 8) for n in ("astronaut.png", "odd.png")])
     want = klein_pipeline(vae)._encode_vae_image(x, generator=None)
     torch.testing.assert_close(z, want, rtol=0, atol=1e-6)
-    code, _, err = _run(capsys, "decode", lat, "-o", out, "--model", model_dir, *FP32)
+    code, _, err = _run(capsys, "decode", lat, "-o", out, "--model", flux2_dir, *FP32)
     assert code == 0 and "warning" not in err, err
     decoded = vae.decode(vae.unscale_latents(z))
     for i, (name, size) in enumerate((("astronaut", (32, 32)), ("odd", (29, 30)))):
@@ -358,20 +360,76 @@ def test_cli_encode_writes_the_pipelines_latents_and_decode_inverts_them(tmp_pat
         np.testing.assert_array_equal(png, to_uint8(crop_to(decoded[i], size)))
 
 
-def test_cli_decode_refuses_latents_of_another_model(tmp_path, capsys, images, model_dir):
+def test_cli_decode_refuses_latents_of_another_model(tmp_path, capsys, images, flux2_dir):
     torch.manual_seed(0)
     kl = AutoencoderKL.from_pretrained("tiny").save_pretrained(tmp_path / "kl")
     lat = tmp_path / "kl.safetensors"
     assert _run(capsys, "encode", images / "astronaut.png", "-o", lat, "--model", kl, *FP32)[0] == 0
-    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "out", "--model", model_dir, *FP32)
+    code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "out", "--model", flux2_dir, *FP32)
     assert code == 1 and "latents have 4 channels but" in err and "takes 16" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_reconstruct_info_and_convert(tmp_path, capsys, images, model_dir):
-    vae = AutoencoderKLFlux2.from_pretrained(model_dir)
+@torch.no_grad()
+def test_cli_mixed_sizes_pad_to_16_and_round_trip_per_image(tmp_path, capsys, flux2_dir):
+    """A folder of several sizes: one tensor per image, each image padded to the diffusion multiple (8 for
+    this f = 4 model; 16 for FLUX.2's), its latents and PNG those of encoding and decoding it alone."""
+    vae = AutoencoderKLFlux2.from_pretrained(flux2_dir)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    # 36x28 pads to 40x32: padding to the autoencoder's 4 only would leave 9x7 latents, no 2x2 patches.
+    sizes = {"a.png": (32, 32), "b.png": (36, 28), "odd.png": (31, 31)}
+    for (name, (h, w)), source in zip(
+        sizes.items(), (data.astronaut, data.coffee, data.chelsea), strict=True
+    ):
+        _photo(folder / name, h, w, source)
+    lat, out, one = tmp_path / "all.safetensors", tmp_path / "out", [*FP32, "--batch-size", "1"]
+    code, _, err = _run(capsys, "encode", folder, "-o", lat, "--model", flux2_dir, *one)
+    assert code == 0 and "latents of 3 images in 2 shapes" in err, err
+    with safe_open(str(lat), "pt") as f:
+        meta = f.metadata()
+    assert meta["kind"] == "latents" and meta["layout"] == "per-image"
+    assert meta["latent_normalization"] == "AutoencoderKLFlux2" and "scaling_factor" not in meta
+    tensors = load_file(lat)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        "a": (16, 4, 4),
+        "b": (16, 5, 4),
+        "odd": (16, 4, 4),
+    }
+    code, _, err = _run(capsys, "decode", lat, "-o", out, "--model", flux2_dir, *one)
+    assert code == 0 and "warning" not in err, err
+    for name, size in sizes.items():
+        stem = name.removesuffix(".png")
+        x = pad_to_multiple(load_image(folder / name), 8)[None]  # (1, 3, H', W'), multiples of 8
+        z = vae.scale_latents(vae.encode_latents(x))
+        assert torch.equal(tensors[stem], z[0])
+        want = to_uint8(crop_to(vae.decode(vae.unscale_latents(tensors[stem][None]))[0], size))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}.png")), want)
+    code, _, err = _run(
+        capsys, "encode", folder, "-o", tmp_path / "i.safetensors", "--model", flux2_dir, "--indices"
+    )
+    assert code == 1 and "no codebook (VQ models only)" in err
+
+
+def test_cli_decode_refuses_the_other_normalization(tmp_path, capsys, images, flux2_dir):
+    """Latents of matching channel counts but the other normalization (global factors vs FLUX.2's own
+    statistics) are refused both ways, before anything is written."""
+    torch.manual_seed(0)
+    kl = AutoencoderKL.from_pretrained("tiny", latent_channels=16).save_pretrained(tmp_path / "kl16")
+    flux_lat, kl_lat = tmp_path / "flux2.safetensors", tmp_path / "kl.safetensors"
+    image = images / "astronaut.png"
+    assert _run(capsys, "encode", image, "-o", flux_lat, "--model", flux2_dir, *FP32)[0] == 0
+    assert _run(capsys, "encode", image, "-o", kl_lat, "--model", kl, *FP32)[0] == 0
+    for lat, model, used in ((flux_lat, kl, "AutoencoderKLFlux2's"), (kl_lat, flux2_dir, "scaling_factor")):
+        code, _, err = _run(capsys, "decode", lat, "-o", tmp_path / "out", "--model", model, *FP32)
+        assert code == 1 and f"normalized with {used}" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_reconstruct_info_and_convert(tmp_path, capsys, images, flux2_dir):
+    vae = AutoencoderKLFlux2.from_pretrained(flux2_dir)
     code, stdout, err = _run(
-        capsys, "reconstruct", images, "-o", tmp_path / "rec", "--model", model_dir, *FP32
+        capsys, "reconstruct", images, "-o", tmp_path / "rec", "--model", flux2_dir, *FP32
     )
     assert code == 0, err
     with torch.no_grad():
@@ -379,15 +437,15 @@ def test_cli_reconstruct_info_and_convert(tmp_path, capsys, images, model_dir):
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "rec" / "odd.png")), to_uint8(crop_to(recon, (29, 30)))
     )
-    code, stdout, _ = _run(capsys, "info", model_dir)
+    code, stdout, _ = _run(capsys, "info", flux2_dir)
     dec = sum(p.numel() for m in (vae.post_quant_conv, vae.decoder) for p in m.parameters())
     assert code == 0 and f"decoder: {dec:,}" in stdout and "decoder_block_out_channels: (4, 8, 8)" in stdout
-    code, stdout, _ = _run(capsys, "info", model_dir, "--size", "37", "29")
+    code, stdout, _ = _run(capsys, "info", flux2_dir, "--size", "37", "29")
     assert code == 0 and "latent shape for a 37x29 image: (4, 10, 8) (image padded to 40x32)" in stdout
     assert "diffusion-ready shape (scale_latents, 2x2 patches): (16, 5, 4) (image padded to 40x32)" in stdout
     # diffusers folder -> fp16 folder; its weights file alone -> a folder again; no LDM single file.
     half = tmp_path / "half"
-    assert _run(capsys, "convert", model_dir, half, "--to", "diffusers", "--dtype", "fp16")[0] == 0
+    assert _run(capsys, "convert", flux2_dir, half, "--to", "diffusers", "--dtype", "fp16")[0] == 0
     saved = load_file(half / "diffusion_pytorch_model.safetensors")
     assert (
         saved["bn.running_var"].dtype == torch.float16
@@ -395,17 +453,17 @@ def test_cli_reconstruct_info_and_convert(tmp_path, capsys, images, model_dir):
     )
     diffusers.AutoencoderKLFlux2.from_pretrained(half)
     single, back = half / "diffusion_pytorch_model.safetensors", tmp_path / "back"
-    config = ["--config", model_dir]  # what shapes cannot tell: GroupNorm groups
+    config = ["--config", flux2_dir]  # what shapes cannot tell: GroupNorm groups
     assert _run(capsys, "convert", single, back, "--to", "diffusers", *config)[0] == 0
     assert AutoencoderKLFlux2.from_pretrained(back).config == vae.config
-    code, _, err = _run(capsys, "convert", model_dir, tmp_path / "x.safetensors", "--to", "ldm")
+    code, _, err = _run(capsys, "convert", flux2_dir, tmp_path / "x.safetensors", "--to", "ldm")
     assert code == 1 and "no LDM single-file layout" in err and err.count("\n") == 1
 
 
-def test_cli_cache_latents_and_stats(tmp_path, capsys, images, model_dir):
-    vae = AutoencoderKLFlux2.from_pretrained(model_dir)
+def test_cli_cache_latents_and_stats(tmp_path, capsys, images, flux2_dir):
+    vae = AutoencoderKLFlux2.from_pretrained(flux2_dir)
     cache = tmp_path / "cache"
-    common = ["--model", model_dir, *FP32, "--resolution", "16"]
+    common = ["--model", flux2_dir, *FP32, "--resolution", "16"]
     code, _, err = _run(capsys, "cache-latents", images, "-o", cache, *common)
     assert code == 0, err
     manifest = json.loads((cache / "latents.json").read_text())

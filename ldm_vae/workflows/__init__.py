@@ -2,12 +2,14 @@
 
 Every workflow checks its inputs before it writes anything and raises :class:`WorkflowError` (one line) for
 input the user can fix. Models are used through the common interface (:mod:`ldm_vae.interface`) only, so
-each workflow runs on the KL and the VQ autoencoders alike (the latent cache excepted: it stores a posterior).
+each workflow runs on the KL and the VQ autoencoders alike (except the latent cache, which stores a posterior,
+and code-index files, which index a codebook).
 """
 
 from .base import (
     WorkflowError,
     batches,
+    batches_by_shape,
     check_no_overwrite,
     files_of,
     image_sizes,
@@ -20,15 +22,19 @@ from .base import (
 )
 from .diffusion import cache_inputs, format_bits_table, ldm_eval, require_posterior, write_samples
 from .latents_file import (
+    FILE_FORMAT,
+    INDICES_KEY,
     LATENTS_KEY,
     LatentsFile,
+    codebook_sha256,
     decode_to_folder,
     encode_to_file,
     file_scaling,
     latent_scaling,
     metadata_list,
-    read_latents,
     read_latents_file,
+    require_codebook,
+    write_latents_file,
 )
 from .models import convert_checkpoint, describe_model, load_model, resolve_device
 from .reports import (
@@ -41,12 +47,16 @@ from .reports import (
 )
 
 __all__ = [
+    "FILE_FORMAT",
+    "INDICES_KEY",
     "LATENTS_KEY",
     "LatentsFile",
     "WorkflowError",
     "batches",
+    "batches_by_shape",
     "cache_inputs",
     "check_no_overwrite",
+    "codebook_sha256",
     "convert_checkpoint",
     "decode_to_folder",
     "describe_model",
@@ -69,11 +79,12 @@ __all__ = [
     "png_outputs",
     "print_table",
     "progress",
-    "read_latents",
     "read_latents_file",
     "reconstruct_images",
+    "require_codebook",
     "require_posterior",
     "resolve_device",
+    "write_latents_file",
     "write_reconstruct_report",
     "write_samples",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +33,16 @@ def batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
     """Consecutive slices of ``indices`` of at most ``size`` items."""
     for start in range(0, len(indices), size):
         yield list(indices[start : start + size])
+
+
+def batches_by_shape(shapes: Sequence[Hashable], size: int) -> Iterator[list[int]]:
+    """Batches of at most ``size`` indices whose ``shapes`` are equal: shapes in order of first appearance,
+    indices in order within each (one shape: exactly :func:`batches`)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    for indices in groups.values():
+        yield from batches(indices, size)
 
 
 def output_dir(path: str | Path) -> Path:

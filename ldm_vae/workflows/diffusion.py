@@ -140,10 +140,11 @@ def cache_inputs(data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> lis
 
 def require_posterior(vae: Autoencoder, name: str) -> AutoencoderKL:
     """``vae``, refused unless it has a Gaussian posterior, the mean and std a latent cache stores."""
-    # The one kind check of the workflows: the cache format (posterior mean + std) is KL's by definition.
+    # One of the two kind checks of the workflows (code indices the other): the cache format (posterior
+    # mean + std) is KL's by definition.
     if not isinstance(vae, AutoencoderKL):
         raise WorkflowError(
             f"{name}: a {type(vae).__name__} has no posterior; cache-latents stores a KL posterior's mean "
-            "and std, so it needs a KL model"
+            "and std, so it needs a KL model (for a VQ model, `ldm-vae encode --indices` writes its codes)"
         )
     return vae

@@ -100,6 +100,8 @@ def describe_model(vae: Autoencoder, name: str, size: tuple[int, int] | None = N
     ph, pw = padded_size((h, w), f)
     padded = f" (image padded to {ph}x{pw})" if (ph, pw) != (h, w) else ""
     lines.append(f"latent shape for a {h}x{w} image: ({vae.decode_channels}, {ph // f}, {pw // f}){padded}")
+    if codebook is not None:
+        lines.append(f"code indices (encode --indices): ({ph // f}, {pw // f}), 0..{codebook.num_codes - 1}")
     p = cfg.latent_patch
     if p > 1:  # FLUX.2: scale_latents packs p x p latent patches into channels
         fp = cfg.diffusion_downsample_factor
