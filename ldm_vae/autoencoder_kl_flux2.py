@@ -9,6 +9,9 @@ patches of the latents whose running statistics turn raw latents into the transf
 That is what diffusers' FLUX.2 pipelines do (``Flux2Pipeline._patchify_latents`` and the ``vae.bn`` lines of
 ``_encode_vae_image``; the inverse before ``vae.decode``). The BatchNorm only holds statistics: no forward
 runs it, here as in diffusers.
+
+Single files are black-forest-labs' own ``ae.safetensors`` layout (their ``src/flux2/autoencoder.py``): LDM
+names with the quant convs inside the encoder and decoder (``checkpoint.LAYOUTS``, ``"bfl"``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class AutoencoderKLFlux2(AutoencoderKL):
     config_class: ClassVar[type] = AutoencoderKLFlux2Config
     presets: ClassVar[dict[str, Any]] = FLUX2_PRESETS
     diffusers_class_name: ClassVar[str] = "AutoencoderKLFlux2"
+    # Single files are black-forest-labs' ae.safetensors: LDM names, the quant convs inside encoder and decoder.
+    single_file_layout: ClassVar[str] = "bfl"
 
     def __init__(self, config: AutoencoderKLFlux2Config | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -111,14 +116,3 @@ class AutoencoderKLFlux2(AutoencoderKL):
     @classmethod
     def _default_fields_for(cls, full: dict[str, Tensor], prefix: str) -> dict[str, Any]:
         return {}  # no SDXL guess: every field that matters is in the shapes or FLUX.2's defaults
-
-    def save_single_file(self, path: Any, dtype: Any = None, prefix: str = "") -> Any:
-        """Refused: FLUX.2 has no original single-file layout that diffusers maps (see ``from_pretrained``).
-
-        Raises:
-            ValueError: always; ``save_pretrained`` writes the diffusers folder.
-        """
-        raise ValueError(
-            "AutoencoderKLFlux2 has no LDM single-file layout (diffusers' single-file loader has no mapping "
-            "for it); write the diffusers folder (save_pretrained, convert --to diffusers)"
-        )

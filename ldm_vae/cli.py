@@ -289,7 +289,7 @@ RECONSTRUCT_DETAILS = (
 )
 CONVERT_DETAILS = (
     "Reads anything from_pretrained reads; writes a diffusers folder (save_pretrained) or a .safetensors "
-    "file with original LDM names."
+    "file with original LDM names (FLUX.2: black-forest-labs' ae.safetensors layout)."
 )
 CACHE_DETAILS = (
     "Center-crops each image to RESOLUTION (with --views V, adds V - 1 random crops and mirror images), "

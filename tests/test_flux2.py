@@ -295,8 +295,8 @@ def test_save_pretrained_loads_in_diffusers_and_back(flux2_dir, tmp_path):
 
 @pytest.mark.parametrize("prefix", ["", "vae."])
 def test_a_diffusers_named_single_file_loads_with_its_shapes(flux2_dir, tmp_path, prefix):
-    """diffusers' single-file loader has no AutoencoderKLFlux2 mapping, so a single file has diffusers' names
-    (e.g. FLUX.2's vae/diffusion_pytorch_model.safetensors on its own); the BatchNorm names the class."""
+    """A diffusers-named single file (e.g. FLUX.2's vae/diffusion_pytorch_model.safetensors on its own) loads
+    too, through BFL's names; the BatchNorm names the class."""
     ours = AutoencoderKLFlux2.from_pretrained(flux2_dir)
     tensors = load_file(flux2_dir / "diffusion_pytorch_model.safetensors")
     single = tmp_path / "flux2-vae.safetensors"
@@ -309,18 +309,124 @@ def test_a_diffusers_named_single_file_loads_with_its_shapes(flux2_dir, tmp_path
         AutoencoderKL.from_pretrained(single)
 
 
-def test_files_without_a_mapping_are_refused(flux2_dir, tmp_path):
-    ours = AutoencoderKLFlux2.from_pretrained(flux2_dir)
-    with pytest.raises(ValueError, match="no LDM single-file layout"):
-        ours.save_single_file(tmp_path / "x.safetensors")
-    # black-forest-labs' own ae.safetensors: LDM names, quant convs inside encoder and decoder.
-    ldm = to_ldm(ours.state_dict(), 3)
-    ldm["decoder.post_quant_conv.weight"] = ldm.pop("post_quant_conv.weight")
-    save_file(ldm, tmp_path / "ae.safetensors")
-    with pytest.raises(
-        CheckpointError, match=r"original FLUX\.2 autoencoder layout .* no AutoencoderKLFlux2 mapping"
-    ):
-        load_autoencoder(tmp_path / "ae.safetensors")
+def bfl_state_shapes(
+    ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, in_channels: int = 3, out_ch: int = 3
+) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of black-forest-labs' ``AutoEncoder(AutoEncoderParams(...)).state_dict()``, the keys their
+    ``load_ae`` loads from ``ae.safetensors`` with ``strict=True``.
+
+    Written out by reading src/flux2/autoencoder.py (black-forest-labs/flux2 at ab7cca6; it is no dependency, so
+    the test cannot import it), following each ``__init__``: ``Encoder`` registers ``quant_conv`` (2z -> 2z, 1x1)
+    first, then ``conv_in``, ``down[i].block[j]`` (``num_res_blocks`` ResnetBlocks of width ch * ch_mult[i],
+    input ch * (1, *ch_mult)[i]) and ``down[i].downsample.conv`` except at the last level (its ``attn`` lists stay
+    empty), ``mid.block_1 / attn_1 / block_2``, ``norm_out``, ``conv_out`` (-> 2z). ``Decoder``:
+    ``post_quant_conv`` (z -> z), ``conv_in``, the mid block, ``up[i].block[0..num_res_blocks]`` from the last
+    level down and ``up[i].upsample.conv`` for i != 0, ``norm_out``, ``conv_out``. A ResnetBlock is ``norm1,
+    conv1, norm2, conv2`` plus ``nin_shortcut`` (1x1) when its widths differ; an AttnBlock is ``norm`` and the
+    1x1 convs ``q, k, v, proj_out``; every GroupNorm is affine. ``AutoEncoder.bn`` is ``BatchNorm2d(4 z,
+    affine=False, track_running_stats=True)``: its buffers running_mean, running_var and num_batches_tracked
+    (0-d), so the file must hold the statistics.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, c_in: int, c_out: int, k: int) -> None:
+        shapes.update({f"{name}.weight": (c_out, c_in, k, k), f"{name}.bias": (c_out,)})
+
+    def norm(name: str, c: int) -> None:
+        shapes.update({f"{name}.weight": (c,), f"{name}.bias": (c,)})
+
+    def resnet(name: str, c_in: int, c_out: int) -> None:
+        norm(f"{name}.norm1", c_in)
+        conv(f"{name}.conv1", c_in, c_out, 3)
+        norm(f"{name}.norm2", c_out)
+        conv(f"{name}.conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv(f"{name}.nin_shortcut", c_in, c_out, 1)
+
+    def mid(coder: str, c: int) -> None:
+        resnet(f"{coder}.mid.block_1", c, c)
+        norm(f"{coder}.mid.attn_1.norm", c)
+        for proj in ("q", "k", "v", "proj_out"):
+            conv(f"{coder}.mid.attn_1.{proj}", c, c, 1)
+        resnet(f"{coder}.mid.block_2", c, c)
+
+    z, last = z_channels, len(ch_mult) - 1
+    conv("encoder.quant_conv", 2 * z, 2 * z, 1)
+    conv("encoder.conv_in", in_channels, ch, 3)
+    for i, mult in enumerate(ch_mult):
+        block_in = ch * (1, *ch_mult)[i]
+        for j in range(num_res_blocks):
+            resnet(f"encoder.down.{i}.block.{j}", block_in, ch * mult)
+            block_in = ch * mult
+        if i != last:
+            conv(f"encoder.down.{i}.downsample.conv", block_in, block_in, 3)
+    mid("encoder", block_in)
+    norm("encoder.norm_out", block_in)
+    conv("encoder.conv_out", block_in, 2 * z, 3)
+    conv("decoder.post_quant_conv", z, z, 1)
+    block_in = ch * ch_mult[last]
+    conv("decoder.conv_in", z, block_in, 3)
+    mid("decoder", block_in)
+    for i in reversed(range(len(ch_mult))):
+        for j in range(num_res_blocks + 1):
+            resnet(f"decoder.up.{i}.block.{j}", block_in, ch * ch_mult[i])
+            block_in = ch * ch_mult[i]
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", block_in, block_in, 3)
+    norm("decoder.norm_out", block_in)
+    conv("decoder.conv_out", block_in, out_ch, 3)
+    shapes |= {"bn.running_mean": (4 * z,), "bn.running_var": (4 * z,), "bn.num_batches_tracked": ()}
+    return shapes
+
+
+def test_single_files_have_black_forest_labs_keys_and_shapes():
+    """FLUX.2's single files are BFL's ae.safetensors: with the flux2 preset (their AutoEncoderParams()), exactly
+    the keys and shapes their AutoEncoder loads strictly; with the tiny config, those of AutoEncoderParams(ch=8,
+    ch_mult=[1, 2], num_res_blocks=1, z_channels=4)."""
+    with torch.device("meta"):  # shapes only: no 84M parameters allocated
+        full = AutoencoderKLFlux2(FLUX2_PRESETS["flux2"])
+    for model, params in ((full, (128, [1, 2, 4, 4], 2, 32)), (flux2(TINY), (8, [1, 2], 1, 4))):
+        exported = model.single_file_state_dict()
+        assert {k: tuple(v.shape) for k, v in exported.items()} == bfl_state_shapes(*params)
+        assert exported["bn.num_batches_tracked"].dtype == torch.int64
+
+
+@torch.no_grad()
+def test_black_forest_labs_layout_round_trip_is_bit_identical(tmp_path, capsys):
+    """diffusers-layout weights -> convert --to ldm (BFL's layout) -> load: diffusers' outputs bit for bit; and
+    back to a diffusers folder that diffusers loads with the same state dict."""
+    theirs = diffusers_twin(flux2(TINY))
+    diffusers_sd = theirs.state_dict()
+    src, bfl = tmp_path / "diffusers-named.safetensors", tmp_path / "ae.safetensors"
+    save_file(diffusers_sd, src)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY.to_diffusers()))  # the GroupNorm groups, which shapes cannot tell
+    code, _, err = _run(capsys, "convert", src, bfl, "--to", "ldm", "--config", config)
+    assert code == 0, err
+    written = load_file(bfl)
+    # BFL's layout is the LDM one with the two quant convs moved into the coders, and nothing else.
+    plain = to_ldm(diffusers_sd, 2)
+    moved = {f"encoder.{k}" if k.startswith("quant_conv.") else k: v for k, v in plain.items()}
+    moved = {f"decoder.{k}" if k.startswith("post_quant_conv.") else k: v for k, v in moved.items()}
+    assert written.keys() == moved.keys() and all(torch.equal(written[k], moved[k]) for k in moved)
+    assert "quant_conv.weight" in plain and "quant_conv.weight" not in written
+    loaded = load_autoencoder(bfl, norm_num_groups=4, sample_size=32)  # what shapes cannot tell
+    assert type(loaded) is AutoencoderKLFlux2 and loaded.config == TINY
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean = loaded.encode(x).mean
+    assert torch.equal(mean, theirs.encode(x).latent_dist.mean)
+    assert torch.equal(loaded.decode(mean), theirs.decode(mean).sample)
+    for name in ("running_mean", "running_var"):  # the statistics travel with the file
+        assert torch.equal(getattr(loaded.bn, name), getattr(theirs.bn, name))
+    back = tmp_path / "back"
+    assert _run(capsys, "convert", bfl, back, "--to", "diffusers", "--config", config)[0] == 0
+    again = diffusers.AutoencoderKLFlux2.from_pretrained(back).state_dict()
+    assert again.keys() == diffusers_sd.keys() and all(torch.equal(again[k], diffusers_sd[k]) for k in again)
+    with pytest.raises(CheckpointError, match="holds a AutoencoderKLFlux2, not a AutoencoderKL"):
+        AutoencoderKL.from_pretrained(bfl)
+
+
+def test_a_folder_of_another_class_is_refused(tmp_path):
     torch.manual_seed(0)
     AutoencoderKL.from_pretrained("tiny").save_pretrained(tmp_path / "kl")
     with pytest.raises(CheckpointError, match="holds a AutoencoderKL, not a AutoencoderKLFlux2"):
@@ -456,8 +562,17 @@ def test_cli_reconstruct_info_and_convert(tmp_path, capsys, images, flux2_dir):
     config = ["--config", flux2_dir]  # what shapes cannot tell: GroupNorm groups
     assert _run(capsys, "convert", single, back, "--to", "diffusers", *config)[0] == 0
     assert AutoencoderKLFlux2.from_pretrained(back).config == vae.config
-    code, _, err = _run(capsys, "convert", flux2_dir, tmp_path / "x.safetensors", "--to", "ldm")
-    assert code == 1 and "no LDM single-file layout" in err and err.count("\n") == 1
+    # BFL's single-file layout, also for a config their AutoEncoder cannot build (narrower decoder, no quant_conv).
+    ae = tmp_path / "ae.safetensors"
+    assert _run(capsys, "convert", flux2_dir, ae, "--to", "ldm")[0] == 0
+    keys = set(load_file(ae))
+    assert (
+        "decoder.post_quant_conv.weight" in keys
+        and not {"quant_conv.weight", "encoder.quant_conv.weight"} & keys
+    )
+    loaded = load_autoencoder(ae, norm_num_groups=4)
+    assert loaded.config == vae.config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vae.state_dict().items())
 
 
 def test_cli_cache_latents_and_stats(tmp_path, capsys, images, flux2_dir):
