@@ -1,16 +1,28 @@
 """ldm_vae: latent-diffusion image autoencoders, exactly compatible with diffusers and LDM/SD checkpoints."""
 
 from .autoencoder_kl import AutoencoderKL
+from .autoencoder_kl_flux2 import AutoencoderKLFlux2
 from .checkpoint import CheckpointError
-from .config import PRESETS, VQ_PRESETS, AutoencoderKLConfig, ConfigKeyError, VQConfig
+from .config import (
+    FLUX2_PRESETS,
+    PRESETS,
+    VQ_PRESETS,
+    AutoencoderKLConfig,
+    AutoencoderKLFlux2Config,
+    ConfigKeyError,
+    VQConfig,
+)
 from .distributions import DiagonalGaussian
 from .vq import VQAutoencoder, VQInfo
 
 __all__ = [
+    "FLUX2_PRESETS",
     "PRESETS",
     "VQ_PRESETS",
     "AutoencoderKL",
     "AutoencoderKLConfig",
+    "AutoencoderKLFlux2",
+    "AutoencoderKLFlux2Config",
     "CheckpointError",
     "ConfigKeyError",
     "DiagonalGaussian",

@@ -34,7 +34,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         self.config = config
         z = config.latent_channels
         self.encoder = Encoder(config.in_channels, 2 * z, config)  # -> moments (mean, logvar)
-        self.decoder = Decoder(z, config.out_channels, config)
+        self.decoder = Decoder(z, config.out_channels, config.decoder_levels)
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(z, z, 1) if config.use_post_quant_conv else None
 

@@ -12,19 +12,19 @@ from safetensors import SafetensorError, safe_open
 
 from . import checkpoint as ckpt
 from .autoencoder_kl import AutoencoderKL
-from .config import PRESETS, VQ_PRESETS
+from .autoencoder_kl_flux2 import AutoencoderKLFlux2
 from .interface import Autoencoder
 from .pretrained import SHIPPED, WEIGHTS_DIR
 from .vq import VQAutoencoder
 
 #: Model classes by the short name training configs use (``model.kind``).
-AUTOENCODERS: dict[str, type] = {"kl": AutoencoderKL, "vq": VQAutoencoder}
+AUTOENCODERS: dict[str, type] = {"kl": AutoencoderKL, "vq": VQAutoencoder, "flux2": AutoencoderKLFlux2}
 _BY_DIFFUSERS_NAME = {cls.diffusers_class_name: cls for cls in AUTOENCODERS.values()}
 
 
 def autoencoder_class(src: str | os.PathLike) -> type:
     """The class that loads ``src``: a preset's (KL presets first), a diffusers folder's ``_class_name``, or, for
-    a single file, VQ when it holds a codebook.
+    a single file, the class its tensors name (a codebook: VQ; a latent BatchNorm: FLUX.2; else KL).
 
     Raises:
         CheckpointError: a folder of a class this package does not implement, or an unreadable source.
@@ -33,10 +33,10 @@ def autoencoder_class(src: str | os.PathLike) -> type:
     if not Path(name).exists():
         if name in SHIPPED:
             src = WEIGHTS_DIR / SHIPPED[name]
-        elif name in PRESETS:
-            return AutoencoderKL
-        elif name in VQ_PRESETS:
-            return VQAutoencoder
+        else:
+            for cls in AUTOENCODERS.values():
+                if name in cls.presets:
+                    return cls
     path = ckpt.resolve_source(src)
     if path.is_dir():
         class_name = ckpt.read_config(path).get("_class_name", AutoencoderKL.diffusers_class_name)

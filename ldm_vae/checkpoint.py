@@ -10,6 +10,7 @@ Our modules carry diffusers' parameter names, so a diffusers folder loads with n
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -33,6 +34,8 @@ LDM_PREFIXES = ("first_stage_model.", "vae.")
 # VectorQuantizer2's optional list of the codebook rows in use (its ``remap``).
 CODEBOOK_KEY = "quantize.embedding.weight"
 USED_KEY = "quantize.used"
+# FLUX.2's BatchNorm over 2x2 latent patches; only its running statistics are used.
+FLUX2_BN_KEY = "bn.running_mean"
 
 
 class CheckpointError(ValueError):
@@ -114,37 +117,57 @@ def read_diffusers_weights(folder: Path, variant: str | None = None) -> dict[str
 
 # ------------------------------------------------------------------------------------ LDM <-> diffusers
 
+# Single-file layouts: "ldm" for LDM, Stable Diffusion and taming files (quant convs at the top level), "bfl" for
+# black-forest-labs' FLUX.2 ae.safetensors (LDM names, quant convs inside the encoder and decoder).
+LAYOUTS = ("ldm", "bfl")
 # Attention submodules: diffusers name -> LDM name (LDM's AttnBlock).
 _LDM_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _ATTN_PART = r"(group_norm|to_[qkv]|to_out\.0)"
 
-# The one conversion table: diffusers name pattern -> LDM name. ``n`` is the number of levels; LDM numbers
-# decoder levels from the highest resolution, diffusers from the lowest.
-_LDM_RULES: list[tuple[str, Callable[[re.Match, int], str]]] = [
-    (r"^(encoder|decoder)\.conv_norm_out\.", lambda m, n: f"{m[1]}.norm_out."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m, n: f"encoder.down.{m[1]}.downsample."),
+# The one conversion table: diffusers name pattern -> LDM name, and the single-file layouts (``LAYOUTS``) the
+# rule belongs to. ``n`` is the number of levels; LDM numbers decoder levels from the highest resolution,
+# diffusers from the lowest.
+_LDM_RULES: list[tuple[str, Callable[[re.Match, int], str], tuple[str, ...]]] = [
+    (r"^(encoder|decoder)\.conv_norm_out\.", lambda m, n: f"{m[1]}.norm_out.", LAYOUTS),
+    (
+        r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.",
+        lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}.",
+        LAYOUTS,
+    ),
+    (
+        r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.",
+        lambda m, n: f"encoder.down.{m[1]}.downsample.",
+        LAYOUTS,
+    ),
     (
         rf"^encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.{_ATTN_PART}\.",
         lambda m, n: f"encoder.down.{m[1]}.attn.{m[2]}.{_LDM_ATTN[m[3]]}.",
+        LAYOUTS,
     ),
     (
         r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
         lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.",
+        LAYOUTS,
     ),
     (
         r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
         lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.",
+        LAYOUTS,
     ),
     (
         rf"^decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.{_ATTN_PART}\.",
         lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.attn.{m[2]}.{_LDM_ATTN[m[3]]}.",
+        LAYOUTS,
     ),
-    (r"\.mid_block\.resnets\.(\d+)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", lambda m, n: ".mid.attn_1.norm."),
-    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", lambda m, n: f".mid.attn_1.{m[1]}."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", lambda m, n: ".mid.attn_1.proj_out."),
-    (r"\.conv_shortcut\.", lambda m, n: ".nin_shortcut."),
+    (r"\.mid_block\.resnets\.(\d+)\.", lambda m, n: f".mid.block_{int(m[1]) + 1}.", LAYOUTS),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", lambda m, n: ".mid.attn_1.norm.", LAYOUTS),
+    (r"\.mid_block\.attentions\.0\.to_([qkv])\.", lambda m, n: f".mid.attn_1.{m[1]}.", LAYOUTS),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", lambda m, n: ".mid.attn_1.proj_out.", LAYOUTS),
+    (r"\.conv_shortcut\.", lambda m, n: ".nin_shortcut.", LAYOUTS),
+    # black-forest-labs' FLUX.2 Encoder and Decoder own the quant convs (its Encoder.forward ends with
+    # quant_conv, Decoder.forward starts with post_quant_conv: the same computation as diffusers' top-level ones).
+    (r"^quant_conv\.", lambda m, n: "encoder.quant_conv.", ("bfl",)),
+    (r"^post_quant_conv\.", lambda m, n: "decoder.post_quant_conv.", ("bfl",)),
 ]
 # LDM's attention projections are 1x1 convs; diffusers' are Linear layers.
 _LDM_CONV1X1 = re.compile(
@@ -152,40 +175,39 @@ _LDM_CONV1X1 = re.compile(
 )
 
 
-def diffusers_to_ldm_key(key: str, num_levels: int) -> str:
-    for pattern, repl in _LDM_RULES:
-        key = re.sub(pattern, lambda m, r=repl: r(m, num_levels), key)
+def diffusers_to_ldm_key(key: str, num_levels: int, layout: str = "ldm") -> str:
+    """A diffusers name in a single-file ``layout`` (one of :data:`LAYOUTS`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"single-file layout {layout!r}: not one of {', '.join(LAYOUTS)}")
+    for pattern, repl, layouts in _LDM_RULES:
+        if layout in layouts:
+            key = re.sub(pattern, lambda m, r=repl: r(m, num_levels), key)
     return key
 
 
-def to_ldm(state_dict: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
-    """diffusers names -> original LDM names (attention weights become 1x1 convs)."""
+def to_ldm(state_dict: dict[str, Tensor], num_levels: int, layout: str = "ldm") -> dict[str, Tensor]:
+    """diffusers names -> original LDM names in ``layout`` (attention weights become 1x1 convs)."""
     out = {}
     for key, value in state_dict.items():
-        new = diffusers_to_ldm_key(key, num_levels)
+        new = diffusers_to_ldm_key(key, num_levels, layout)
         out[new] = value[:, :, None, None] if _LDM_CONV1X1.search(new) and value.ndim == 2 else value
     return out
 
 
-def from_ldm(ldm: dict[str, Tensor], diffusers_keys: list[str], num_levels: int) -> dict[str, Tensor]:
-    """Original LDM names -> diffusers names, for the keys a model of known config expects.
+def from_ldm(
+    ldm: dict[str, Tensor], diffusers_keys: list[str], num_levels: int, layout: str = "ldm"
+) -> dict[str, Tensor]:
+    """Original LDM names in ``layout`` -> diffusers names, for the keys a model of known config expects.
 
     LDM keys no model key maps to are kept under their own name, so strict loading reports them.
     """
-    names = {diffusers_to_ldm_key(k, num_levels): k for k in diffusers_keys}
+    names = {diffusers_to_ldm_key(k, num_levels, layout): k for k in diffusers_keys}
     out = {}
     for key, value in ldm.items():
         if _LDM_CONV1X1.search(key) and value.ndim == 4:
             value = value[:, :, 0, 0]
         out[names.get(key, key)] = value
     return out
-
-
-def single_file_class(keys: Iterable[str]) -> str:
-    """The diffusers class name of the autoencoder behind a single file's keys, bare or under any prefix:
-    ``VQModel`` when they hold a codebook, else ``AutoencoderKL``. The one test of a file's kind."""
-    vq = any(k == CODEBOOK_KEY or k.endswith("." + CODEBOOK_KEY) for k in keys)
-    return "VQModel" if vq else "AutoencoderKL"
 
 
 def is_ldm_layout(state_dict: dict[str, Tensor]) -> bool:
@@ -207,8 +229,8 @@ def strip_prefix(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]
     return {k: v for k, v in state_dict.items() if not k.startswith("loss.")}, found
 
 
-def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
-    """Config fields read off tensor shapes of an LDM-layout autoencoder state dict.
+def infer_config_fields(state_dict: dict[str, Tensor], layout: str = "ldm") -> dict[str, Any]:
+    """Config fields read off tensor shapes of an autoencoder state dict in LDM ``layout``.
 
     GroupNorm group counts and the latent scale cannot be read off shapes; callers override them. Attention
     levels are those holding ``attn.0`` tensors (LDM's ``attn_resolutions``), read for encoder and decoder
@@ -216,9 +238,7 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     """
 
     def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"cannot infer the architecture: no tensor {key!r} in the checkpoint")
-        return tuple(state_dict[key].shape)
+        return _shape(state_dict, key)
 
     levels = sorted(
         {int(m[1]) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.block\.0\.", k))}
@@ -249,11 +269,55 @@ def infer_config_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         if USED_KEY in state_dict:  # VectorQuantizer2's remap; a non-1-D tensor is a shape mismatch on load
             fields["num_used_codes"] = shape(USED_KEY)[0]
     else:
+        n = len(levels)  # the quant convs' names in this layout, from the one table
         fields.update(
-            use_quant_conv="quant_conv.weight" in state_dict,
-            use_post_quant_conv="post_quant_conv.weight" in state_dict,
+            use_quant_conv=diffusers_to_ldm_key("quant_conv.weight", n, layout) in state_dict,
+            use_post_quant_conv=diffusers_to_ldm_key("post_quant_conv.weight", n, layout) in state_dict,
         )
     return fields
+
+
+def _shape(state_dict: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise CheckpointError(f"cannot infer the architecture: no tensor {key!r} in the checkpoint")
+    return tuple(state_dict[key].shape)
+
+
+def infer_flux2_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """:func:`infer_config_fields` of an ``AutoencoderKLFlux2`` in black-forest-labs' layout (``"bfl"``: LDM
+    names, the quant convs inside encoder and decoder, ``bn.*``), plus its decoder widths and latent patch size.
+    """
+    fields = infer_config_fields(state_dict, "bfl")
+    levels = range(len(fields["block_out_channels"]))
+    # LDM's decoder.up.i works at encoder level i's resolution, as decoder_block_out_channels[i] does.
+    decoder = tuple(_shape(state_dict, f"decoder.up.{i}.block.0.conv1.weight")[0] for i in levels)
+    if decoder != fields["block_out_channels"]:
+        fields["decoder_block_out_channels"] = decoder
+    per_channel = _shape(state_dict, FLUX2_BN_KEY)[0] / fields["latent_channels"]
+    patch = math.isqrt(int(per_channel))
+    if patch * patch != per_channel:
+        raise CheckpointError(
+            f"bn.running_mean has {int(per_channel * fields['latent_channels'])} entries: not "
+            f"{fields['latent_channels']} latent channels times a square patch"
+        )
+    fields["patch_size"] = (patch, patch)
+    return fields
+
+
+# Tensors that name the autoencoder class a single file holds, in this order: a codebook, or FLUX.2's latent
+# BatchNorm (diffusers' and black-forest-labs' name alike). Anything else is an AutoencoderKL.
+_CLASS_KEYS = ((CODEBOOK_KEY, "VQModel"), (FLUX2_BN_KEY, "AutoencoderKLFlux2"))
+
+
+def single_file_class(keys: Iterable[str]) -> str:
+    """The diffusers class name of the autoencoder behind a single file's keys, bare or under any prefix:
+    ``VQModel`` (a codebook), ``AutoencoderKLFlux2`` (a latent BatchNorm) or ``AutoencoderKL``. The one test of
+    a file's kind."""
+    keys = list(keys)
+    for key, name in _CLASS_KEYS:
+        if any(k == key or k.endswith("." + key) for k in keys):
+            return name
+    return "AutoencoderKL"
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -161,7 +161,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise CLIError(f"{out_dir}: not empty; --write creates a new model folder")
     vae, state = _launched_model(args)
     if st.is_cache(args.data):
-        sums, manifest = st.cache_stats(args.data)
+        sums, manifest = st.cache_stats(args.data, vae)
         if manifest["model"] != args.model and Path(args.model).resolve() != Path(manifest["model"]):
             print(
                 f"warning: {args.data} was encoded by {manifest['model']}, not {args.model}", file=sys.stderr
@@ -175,7 +175,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         sums.all_reduce()
     stats = sums.stats()
     if state.is_main_process:
-        print(st.format_stats(stats, *wf.latent_scaling(vae)))
+        print(st.describe_stats(stats, vae))
         if out_dir is not None:
             st.write_with_factors(vae, stats, out_dir, args.shift)
             print(
@@ -289,12 +289,13 @@ RECONSTRUCT_DETAILS = (
 )
 CONVERT_DETAILS = (
     "Reads anything from_pretrained reads; writes a diffusers folder (save_pretrained) or a .safetensors "
-    "file with original LDM names."
+    "file with original LDM names (FLUX.2: black-forest-labs' ae.safetensors layout)."
 )
 CACHE_DETAILS = (
     "Center-crops each image to RESOLUTION (with --views V, adds V - 1 random crops and mirror images), "
     "encodes it and stores the posterior mean and std in shard-NNNNN.safetensors files plus latents.json "
-    "with the latent scale (1 / std of posterior samples). KL models only. "
+    "with the latent scale (1 / std of posterior samples). KL models only (FLUX.2's included: its raw posterior, "
+    "RESOLUTION a multiple of 16). "
     "Rerunning skips finished shards; a rerun whose images (their contents), model, dtype, tiling or settings "
     "differ is refused, saying what changed. Under `accelerate launch -m ldm_vae.cli` processes share the shards."
 )
@@ -302,8 +303,9 @@ STATS_DETAILS = (
     "Moments of the latents z a diffusion model trains on, over an image folder (center crops and --views as "
     "cache-latents makes them; KL posteriors in closed form, float64 sums) or a cache-latents folder: the global "
     "std (scaling_factor = 1 / std, LDM's scale_by_std), the global mean (shift_factor) and per-channel means "
-    "and stds (latents_mean / latents_std), next to the model's factors. Under `accelerate launch -m ldm_vae.cli` "
-    "processes split the images."
+    "and stds (latents_mean / latents_std), next to the model's factors. FLUX.2 models: per-channel means and "
+    "stds of the 2x2 latent patches next to the BatchNorm running statistics that normalize them (--write stores "
+    "the measured ones). Under `accelerate launch -m ldm_vae.cli` processes split the images."
 )
 EVAL_REPORT_DETAILS = (
     "Writes results.json (per image and mean) and report.html (central crops at 1:1 with difference heat maps). "
@@ -339,9 +341,9 @@ def _model_parent() -> argparse.ArgumentParser:
     run.add_argument(
         "--model",
         required=True,
-        help="preset (random init: sd, sdxl, flux, tiny, kl-f4 ... kl-f32, vq-f4 ... vq-f16, vqgan-imagenet-f16-*), "
-        "'demo' (shipped weights), a diffusers folder "
-        "(AutoencoderKL or VQModel), or an LDM/SD .safetensors/.ckpt file",
+        help="preset (random init: sd, sdxl, flux, flux2, flux2-small-decoder, tiny, kl-f4 ... kl-f32, vq-f4 ... "
+        "vq-f16, vqgan-imagenet-f16-*), 'demo' (shipped weights), a diffusers folder "
+        "(AutoencoderKL, VQModel or AutoencoderKLFlux2), or an LDM/SD .safetensors/.ckpt file",
     )
     run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     run.add_argument(

@@ -63,6 +63,21 @@ class _Levels:
         """Image pixels per latent pixel along one edge (8 for SD)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def latent_patch(self) -> int:
+        """Latent pixels per edge that ``scale_latents`` packs into one diffusion-ready position (1: none)."""
+        return 1
+
+    @property
+    def diffusion_downsample_factor(self) -> int:
+        """Image pixels per diffusion-ready latent position along one edge: what images are padded to."""
+        return self.downsample_factor * self.latent_patch
+
+    @property
+    def decoder_levels(self) -> _Levels:
+        """The level widths and types the Decoder is built from (the encoder's, unless a config narrows it)."""
+        return self
+
 
 @dataclass(frozen=True)
 class AutoencoderKLConfig(_Levels):
@@ -166,24 +181,88 @@ class VQConfig(_Levels):
         return cfg
 
 
+@dataclass(frozen=True)
+class AutoencoderKLFlux2Config(_Levels):
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels out
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # encoder width per level, as AutoencoderKL
+    # Decoder width per level, from the highest resolution like block_out_channels (FLUX.2's small decoder:
+    # 96, 192, 384, 384); None means block_out_channels.
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    down_block_types: tuple[str, ...] = ()  # encoder level types, as AutoencoderKLConfig (() is all plain)
+    up_block_types: tuple[str, ...] = ()  # decoder level types, from the lowest resolution
+    layers_per_block: int = 2  # resnets per encoder level (decoder levels get one more)
+    latent_channels: int = 32  # channels of z
+    norm_num_groups: int = 32  # GroupNorm groups everywhere (decoder widths included)
+    use_quant_conv: bool = True  # 1x1 conv on the moments after the encoder
+    use_post_quant_conv: bool = True  # 1x1 conv on z before the decoder
+    mid_block_add_attention: bool = True  # single-head self-attention in both mid blocks
+    # The latent BatchNorm over patch_size patches of z (latent_channels * 4 channels): its running statistics
+    # normalize the diffusion-ready latents, (z_patch - running_mean) / sqrt(running_var + batch_norm_eps).
+    batch_norm_eps: float = 1e-4
+    batch_norm_momentum: float = 0.1  # momentum of those running statistics where they are updated
+    patch_size: tuple[int, int] = (2, 2)  # latent pixels per patch (rows, columns); square here
+    force_upcast: bool = True  # a key of FLUX.2's config.json (not of diffusers' __init__); fp32 pipelines
+    sample_size: int = 1024  # nominal training resolution (informational; diffusers' tiling uses it)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        patch = tuple(int(p) for p in self.patch_size)
+        if len(patch) != 2 or patch[0] != patch[1] or patch[0] < 1:
+            raise ValueError(f"patch_size {list(patch)}: ldm_vae supports square patches, e.g. [2, 2]")
+        object.__setattr__(self, "patch_size", patch)
+        if self.decoder_block_out_channels is not None:
+            widths = tuple(int(c) for c in self.decoder_block_out_channels)
+            if len(widths) != len(self.block_out_channels):
+                raise ValueError(
+                    f"decoder_block_out_channels has {len(widths)} levels, block_out_channels "
+                    f"{len(self.block_out_channels)}"
+                )
+            if any(c % self.norm_num_groups for c in widths):
+                raise ValueError(
+                    f"decoder_block_out_channels {list(widths)} are not all divisible by norm_num_groups "
+                    f"{self.norm_num_groups}"
+                )
+            object.__setattr__(self, "decoder_block_out_channels", widths)
+
+    @property
+    def latent_patch(self) -> int:
+        return self.patch_size[0]
+
+    @property
+    def decoder_levels(self) -> AutoencoderKLFlux2Config:
+        if self.decoder_block_out_channels is None:
+            return self
+        return dataclasses.replace(
+            self, block_out_channels=self.decoder_block_out_channels, decoder_block_out_channels=None
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The ``config.json`` that ``diffusers.AutoencoderKLFlux2`` reads."""
+        cfg = {"_class_name": "AutoencoderKLFlux2", **_lists(dataclasses.asdict(self))}
+        cfg.update(act_fn="silu")
+        return cfg
+
+
 def _lists(fields: dict[str, Any]) -> dict[str, Any]:
     """Tuple fields as JSON lists, as diffusers writes them."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
-ConfigT = TypeVar("ConfigT", AutoencoderKLConfig, VQConfig)
+ConfigT = TypeVar("ConfigT", AutoencoderKLConfig, VQConfig, AutoencoderKLFlux2Config)
 
 
 class ConfigKeyError(ValueError):
     """A config key or override the config class does not know; the message is one line naming it."""
 
 
-# Keys of diffusers' AutoencoderKL / VQModel __init__ that are not our fields: the architecture choices checked
+# Keys of diffusers' AutoencoderKL / VQModel / AutoencoderKLFlux2 __init__ that are not our fields: the architecture choices checked
 # below (we build one of each; the level types are fields, checked by the config), and keys with no effect here
 # (lookup_from_codebook only changes what diffusers' decode() takes as input).
 _DIFFUSERS_ONLY_KEYS: dict[type, tuple[str, ...]] = {
     AutoencoderKLConfig: ("act_fn", "latents_mean", "latents_std"),
     VQConfig: ("act_fn", "norm_type", "lookup_from_codebook"),
+    AutoencoderKLFlux2Config: ("act_fn",),
 }
 
 
@@ -193,7 +272,7 @@ def build_model_config(
     """Builds ``cls``: the one path for presets, diffusers folders and single files.
 
     Args:
-        cls: ``AutoencoderKLConfig`` or ``VQConfig``.
+        cls: ``AutoencoderKLConfig``, ``VQConfig`` or ``AutoencoderKLFlux2Config``.
         fields: a diffusers ``config.json`` dict, a preset's fields, or fields read off tensor shapes. Keys may
             be fields of ``cls``, diffusers' own keys for the class (architecture checks, refused when they ask
             for blocks we do not build), or ``_``-prefixed metadata (``_class_name``, ``_diffusers_version``).
@@ -350,4 +429,13 @@ VQ_PRESETS: dict[str, VQConfig] = {
         latent_channels=4,
         sample_size=32,
     ),
+}
+
+FLUX2_PRESETS: dict[str, AutoencoderKLFlux2Config] = {
+    # FLUX.2 [dev] and [klein] VAE: diffusers' AutoencoderKLFlux2 defaults, which are black-forest-labs/flux2
+    # src/flux2/autoencoder.py's AutoEncoderParams (ch 128, ch_mult 1,2,4,4, num_res_blocks 2, z_channels 32,
+    # BatchNorm eps 1e-4 over 2x2 patches) and the vae/config.json of the FLUX.2 [klein] repositories.
+    "flux2": AutoencoderKLFlux2Config(),
+    # black-forest-labs/FLUX.2-small-decoder config.json: the same encoder, a decoder of 3/4 the width.
+    "flux2-small-decoder": AutoencoderKLFlux2Config(decoder_block_out_channels=(96, 192, 384, 384)),
 }

@@ -35,7 +35,7 @@ class Regularization(Protocol):
 
 @runtime_checkable
 class Autoencoder(Protocol):
-    """encode / decode / forward, the same for the KL and VQ models (and later classes)."""
+    """encode / decode / forward, the same for the KL, VQ and FLUX.2 models."""
 
     config: Any
     encoder: nn.Module
@@ -69,7 +69,8 @@ class Autoencoder(Protocol):
         ...
 
     def scale_latents(self, z: Tensor) -> Tensor:
-        """Raw latents -> diffusion-ready latents."""
+        """Raw latents -> diffusion-ready latents; (B, C, h, w) -> (B, C p^2, h/p, w/p) with p =
+        ``config.latent_patch`` (1, except FLUX.2's 2x2 patches)."""
         ...
 
     def unscale_latents(self, z: Tensor) -> Tensor:

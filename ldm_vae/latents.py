@@ -325,7 +325,8 @@ def cache_latents(
     """
     from accelerate import PartialState
 
-    check_views(vae.config.downsample_factor, len(files), resolution, views)
+    # FLUX.2's latents are used in 2x2 patches (stats reads them so): its resolution is a multiple of 16.
+    check_views(vae.config.diffusion_downsample_factor, len(files), resolution, views)
     out_dir = Path(out_dir)
     state = PartialState(cpu=vae.device.type == "cpu")  # cpu: gloo ranks under `accelerate launch`
     quiet = None if progress and state.is_local_main_process else True
@@ -453,11 +454,11 @@ def _manifest(
         "shards": entries,
         # LDM's scale_by_std: the DDPM trains on (z - shift) * scale, z sampled from the posterior.
         "scale": 1.0 / std,
-        "shift": vae.config.shift_factor or 0.0,
+        "shift": getattr(vae.config, "shift_factor", None) or 0.0,
         "latent_mean": mean,
         "latent_std": std,
         "scale_method": "1 / std of posterior samples z = mean + std * eps over all cached elements (closed form)",
-        "vae_scaling_factor": vae.config.scaling_factor,
+        "vae_scaling_factor": getattr(vae.config, "scaling_factor", None),  # None: FLUX.2 (per channel)
         # What the fingerprint covers: a rerun compares them to say what changed.
         "settings": key.settings,
         "images": key.images,

@@ -31,6 +31,8 @@ class PretrainedMixin:
     presets: ClassVar[dict[str, Any]]
     diffusers_class_name: ClassVar[str]
     training_only_prefixes: ClassVar[tuple[str, ...]] = ()  # state never exported (e.g. EMA codebook stats)
+    # Names of single files (checkpoint.LAYOUTS): "ldm" (LDM / SD / taming) or "bfl" (black-forest-labs' FLUX.2).
+    single_file_layout: ClassVar[str] = "ldm"
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -103,23 +105,27 @@ class PretrainedMixin:
                 )
             # A diffusers-named single file: go through LDM names so one shape-inference path serves both.
             n = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down_blocks."))
-            state_dict = ckpt.to_ldm(state_dict, n)
-        held = ckpt.single_file_class(state_dict)
+            state_dict = ckpt.to_ldm(state_dict, n, cls.single_file_layout)
+        held = ckpt.single_file_class(state_dict)  # a codebook, a latent BatchNorm, or neither
         if held != cls.diffusers_class_name:
             raise ckpt.CheckpointError(f"{path}: holds a {held}, not a {cls.diffusers_class_name}")
-        inferred = ckpt.infer_config_fields(state_dict)
-        fields = {**cls._default_fields_for(full, prefix), **inferred}
+        fields = {**cls._default_fields_for(full, prefix), **cls._infer_fields(state_dict)}
         if config is not None:
             fields.update(_config_fields(config))
         model = cls(build_model_config(cls.config_class, fields, overrides, str(path)))
         levels = len(model.config.block_out_channels)
-        converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels)
+        converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels, cls.single_file_layout)
         ckpt.check_and_load(model, converted, str(path), optional=cls.training_only_prefixes)
         model._check_loaded(str(path))
         return model
 
     def _check_loaded(self, source: str) -> None:
         """Checks loaded values that shapes cannot (e.g. a VQ remap's codebook rows); raises CheckpointError."""
+
+    @classmethod
+    def _infer_fields(cls, state_dict: dict[str, Tensor]) -> dict[str, Any]:
+        """Config fields read off the tensor shapes of a state dict in :attr:`single_file_layout`."""
+        return ckpt.infer_config_fields(state_dict, cls.single_file_layout)
 
     @classmethod
     def _default_fields_for(cls, full: dict[str, Tensor], prefix: str) -> dict[str, Any]:
@@ -211,10 +217,10 @@ class PretrainedMixin:
     def single_file_state_dict(
         self, dtype: str | torch.dtype | None = None, prefix: str = ""
     ) -> dict[str, Tensor]:
-        """The state dict under original LDM / taming names (attention weights as 1x1 convs), training-only
-        state left out; ``dtype`` casts floating tensors only."""
+        """The state dict under original LDM / taming names in :attr:`single_file_layout` (attention weights as
+        1x1 convs), training-only state left out; ``dtype`` casts floating tensors only."""
         levels = len(self.config.block_out_channels)  # type: ignore[attr-defined]
-        ldm = ckpt.to_ldm(self._export_state_dict(dtype), levels)
+        ldm = ckpt.to_ldm(self._export_state_dict(dtype), levels, self.single_file_layout)
         return {prefix + k: v for k, v in ldm.items()}
 
     def _export_state_dict(self, dtype: str | torch.dtype | None) -> dict[str, Tensor]:
@@ -225,7 +231,8 @@ class PretrainedMixin:
         }
         if dtype is not None:
             torch_dtype = resolve_dtype(dtype)
-            # Floating tensors only: integer buffers (a VQ remap's code rows) keep their type.
+            # Floating tensors only: integer buffers (a VQ remap's code rows, a BatchNorm's num_batches_tracked)
+            # keep their type.
             state_dict = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         return state_dict
 

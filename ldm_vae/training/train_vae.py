@@ -43,7 +43,7 @@ ALIASES = {"--data-dir": "data.train_dir", **RUN_ALIASES}
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["kl", "vq"] = "kl"  # AutoencoderKL or VQAutoencoder
+    kind: Literal["kl", "vq", "flux2"] = "kl"  # AutoencoderKL, VQAutoencoder or AutoencoderKLFlux2
     init: str = "tiny"  # preset name (random init) or a diffusers folder / LDM-SD file (fine-tuning)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields on top of `init`
     decoder_only: bool = False  # freeze encoder + quant_conv (+ VQ codebook): the latent space stays put

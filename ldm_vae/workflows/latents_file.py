@@ -10,11 +10,14 @@ Format 2 (metadata ``latents_format`` = :data:`FILE_FORMAT`; a file without it i
 
 - ``kind``: ``latents``, float32 (C, h, w) per image, ``(z - shift_factor) * scaling_factor``; or ``indices``,
   int32 (h, w) code indices per image, with the codebook size (``num_vq_embeddings``) and ``codebook_sha256``.
+  FLUX.2 has no global factors (its latents are 2x2 patches normalized per channel, so C is 4 x 32 at 1/16 of
+  the image size): its latents files name the class in ``latent_normalization`` instead, and decoding unscales
+  with the model's own statistics. Indices are VQ models' only.
 - ``layout``: ``stacked`` when every image pads to one size: one tensor named after the kind, (N, C, h, w) or
   (N, h, w), as in format 1; ``per-image`` when they do not: one tensor per image, named by the stem of the PNG
   ``decode`` writes for it, listed in image order by the metadata ``keys``.
 
-Each image is padded to the model's multiple on its own and cropped back after decoding, so its latents are
+Each image is padded to the model's multiple (of the diffusion-ready latents: 16 for FLUX.2) on its own and cropped back after decoding, so its latents are
 those of encoding it alone, whatever else is in the file (padding to a common size would change them).
 """
 
@@ -53,11 +56,14 @@ FILE_FORMAT = "ldm-vae-latents-file/2"  # 2: VQ code indices, and one tensor per
 LAYOUTS = ("stacked", "per-image")
 
 
-def latent_scaling(vae: Autoencoder) -> tuple[float, float]:
-    """(scaling, shift) with ``vae.scale_latents(z) == (z - shift) * scaling``.
+def latent_scaling(vae: Autoencoder) -> tuple[float, float] | None:
+    """(scaling, shift) with ``vae.scale_latents(z) == (z - shift) * scaling``; None for a model without a
+    ``scaling_factor`` (FLUX.2 normalizes each channel of 2x2 patches: only its ``unscale_latents`` undoes it).
 
     Models without a ``shift_factor`` (VQ) scale without a shift.
     """
+    if not hasattr(vae.config, "scaling_factor"):
+        return None
     return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
@@ -137,13 +143,16 @@ def encode_to_file(
             raise WorkflowError("--sample with --indices: quantization is deterministic (the nearest code)")
         metadata = {"num_vq_embeddings": str(vq.quantize.num_codes), "codebook_sha256": codebook_sha256(vq)}
     else:
-        scaling, shift = latent_scaling(vae)
+        scaling = latent_scaling(vae)
         metadata = {
-            "scaling_factor": json.dumps(scaling),
-            "shift_factor": json.dumps(shift),
+            **(
+                {"latent_normalization": type(vae).__name__}  # the model's own statistics
+                if scaling is None
+                else {"scaling_factor": json.dumps(scaling[0]), "shift_factor": json.dumps(scaling[1])}
+            ),
             "posterior": f"sample(seed={seed})" if sample else "mode",
         }
-    f = vae.config.downsample_factor
+    f = vae.config.diffusion_downsample_factor  # FLUX.2: 16, so its 2x2 latent patches tile the image
     sizes = image_sizes(paths)
     generator = torch.Generator(vae.device).manual_seed(seed) if sample else None
     items: list[Tensor] = [torch.empty(0)] * len(paths)
@@ -283,9 +292,21 @@ def read_latents_file(path: str | Path) -> LatentsFile:
 # ------------------------------------------------------------------------------------------ decoding
 
 
-def file_scaling(vae: Autoencoder, metadata: dict[str, str], path: Path) -> tuple[float, float]:
-    """The (scaling, shift) the file was written with, else the model's; warns when they differ."""
+def file_scaling(vae: Autoencoder, metadata: dict[str, str], path: Path) -> tuple[float, float] | None:
+    """The (scaling, shift) the file was written with, else the model's; warns when they differ. None for a
+    model without a global scale (FLUX.2): its ``unscale_latents`` undoes its own normalization."""
     model = latent_scaling(vae)
+    named = metadata.get("latent_normalization")  # FLUX.2 files name the class whose statistics they used
+    ours = None if model is not None else type(vae).__name__
+    if named != ours and (named is not None or "scaling_factor" in metadata):
+        used = f"{named}'s per-channel statistics" if named else "scaling_factor/shift_factor"
+        needs = f"its own statistics ({ours})" if ours else "scaling_factor/shift_factor"
+        raise WorkflowError(
+            f"{path}: latents normalized with {used} (by {metadata.get('model', 'an unnamed model')}), but "
+            f"{type(vae).__name__} unscales with {needs}: decode them with a model of that kind"
+        )
+    if model is None:
+        return None
     try:
         stored = tuple(
             float(json.loads(metadata[k]) or 0.0) if k in metadata else m
@@ -325,12 +346,15 @@ def _decoder(
                 file=sys.stderr,
             )
         return lambda codes: vq.decode_indices(codes.to(vq.device, torch.long), tile_size, max_memory)
-    c = next((t.shape[0] for t in file.items if t.shape[0] != vae.decode_channels), None)
+    channels = vae.decode_channels * vae.config.latent_patch**2  # of diffusion-ready latents
+    c = next((t.shape[0] for t in file.items if t.shape[0] != channels), None)
     if c is not None:
-        raise WorkflowError(f"{src}: latents have {c} channels but {model_name} takes {vae.decode_channels}")
-    scaling, shift = file_scaling(vae, file.metadata, src)
+        raise WorkflowError(f"{src}: latents have {c} channels but {model_name} takes {channels}")
+    scaling = file_scaling(vae, file.metadata, src)
+    if scaling is None:  # the model's own normalization (FLUX.2)
+        return lambda z: vae.decode(vae.unscale_latents(z).to(vae.device), tile_size, max_memory)
     # Undo scale_latents with the file's own values.
-    return lambda z: vae.decode((z / scaling + shift).to(vae.device), tile_size, max_memory)
+    return lambda z: vae.decode((z / scaling[0] + scaling[1]).to(vae.device), tile_size, max_memory)
 
 
 def decode_to_folder(
@@ -345,7 +369,7 @@ def decode_to_folder(
     """Decodes every image of ``file`` to ``out_dir/<source stem>.png``, cropped to its original size; returns
     the files. Checks that the file fits the model before writing anything."""
     decode = _decoder(vae, file, model_name, tile_size, max_memory)
-    f, sizes = vae.config.downsample_factor, file.sizes
+    f, sizes = vae.config.diffusion_downsample_factor, file.sizes
     for i, t in enumerate(file.items):
         h, w = t.shape[-2:]
         s = sizes[i] if sizes is not None else [h * f, w * f]

@@ -102,4 +102,11 @@ def describe_model(vae: Autoencoder, name: str, size: tuple[int, int] | None = N
     lines.append(f"latent shape for a {h}x{w} image: ({vae.decode_channels}, {ph // f}, {pw // f}){padded}")
     if codebook is not None:
         lines.append(f"code indices (encode --indices): ({ph // f}, {pw // f}), 0..{codebook.num_codes - 1}")
+    p = cfg.latent_patch
+    if p > 1:  # FLUX.2: scale_latents packs p x p latent patches into channels
+        fp = cfg.diffusion_downsample_factor
+        qh, qw = padded_size((h, w), fp)
+        padded = f" (image padded to {qh}x{qw})" if (qh, qw) != (h, w) else ""
+        shape = f"({vae.decode_channels * p * p}, {qh // fp}, {qw // fp})"
+        lines.append(f"diffusion-ready shape (scale_latents, {p}x{p} patches): {shape}{padded}")
     return lines
