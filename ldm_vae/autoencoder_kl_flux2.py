@@ -40,6 +40,9 @@ class AutoencoderKLFlux2(AutoencoderKL):
     diffusers_class_name: ClassVar[str] = "AutoencoderKLFlux2"
     # Single files are black-forest-labs' ae.safetensors: LDM names, the quant convs inside encoder and decoder.
     single_file_layout: ClassVar[str] = "bfl"
+    # diffusers' scripts/convert_flux2_to_diffusers.py skips the BatchNorm's step counter, so folders made by it
+    # lack it; nothing reads it (the statistics are used, never updated).
+    optional_on_load: ClassVar[tuple[str, ...]] = ("bn.num_batches_tracked",)
 
     def __init__(self, config: AutoencoderKLFlux2Config | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)

@@ -31,6 +31,8 @@ class PretrainedMixin:
     presets: ClassVar[dict[str, Any]]
     diffusers_class_name: ClassVar[str]
     training_only_prefixes: ClassVar[tuple[str, ...]] = ()  # state never exported (e.g. EMA codebook stats)
+    # Exported, but a file may lack them (they keep their init): state that converters of official weights drop.
+    optional_on_load: ClassVar[tuple[str, ...]] = ()
     # Names of single files (checkpoint.LAYOUTS): "ldm" (LDM / SD / taming) or "bfl" (black-forest-labs' FLUX.2).
     single_file_layout: ClassVar[str] = "ldm"
 
@@ -85,7 +87,9 @@ class PretrainedMixin:
             # Built before the weights are read, so a bad config fails fast.
             model = cls(build_model_config(cls.config_class, raw_cfg, overrides, str(path)))
             state_dict = ckpt.read_diffusers_weights(path, variant)
-            ckpt.check_and_load(model, state_dict, str(path), optional=cls.training_only_prefixes)
+            ckpt.check_and_load(
+                model, state_dict, str(path), optional=cls.training_only_prefixes + cls.optional_on_load
+            )
             model._check_loaded(str(path))
         elif path.is_file() or path.suffix:
             model = cls._from_single_file(path, config, overrides)
@@ -115,7 +119,9 @@ class PretrainedMixin:
         model = cls(build_model_config(cls.config_class, fields, overrides, str(path)))
         levels = len(model.config.block_out_channels)
         converted = ckpt.from_ldm(state_dict, list(model.state_dict()), levels, cls.single_file_layout)
-        ckpt.check_and_load(model, converted, str(path), optional=cls.training_only_prefixes)
+        ckpt.check_and_load(
+            model, converted, str(path), optional=cls.training_only_prefixes + cls.optional_on_load
+        )
         model._check_loaded(str(path))
         return model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -291,6 +292,24 @@ def test_save_pretrained_loads_in_diffusers_and_back(flux2_dir, tmp_path):
     assert type(back) is AutoencoderKLFlux2 and back.config == ours.config
     for k, v in ours.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_a_folder_without_the_batchnorm_step_counter_loads(flux2_dir, tmp_path):
+    """diffusers' convert_flux2_to_diffusers.py drops bn.num_batches_tracked; such folders still load, and
+    anything else missing is still refused."""
+    folder = tmp_path / "converted"
+    shutil.copytree(flux2_dir, folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["bn.num_batches_tracked"]
+    save_file(state, weights)
+    ours = AutoencoderKLFlux2.from_pretrained(folder)
+    assert torch.equal(ours.bn.running_mean, state["bn.running_mean"])
+    assert "bn.num_batches_tracked" in ours.state_dict()  # still exported
+    del state["bn.running_var"]
+    save_file(state, weights)
+    with pytest.raises(CheckpointError, match=r"1 missing \(bn.running_var\)"):
+        AutoencoderKLFlux2.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("prefix", ["", "vae."])
