@@ -74,7 +74,9 @@ def test_an_allocator_failure_is_retried_tiled_in_half_the_budget(monkeypatch, t
         return real_forward(self, x)
 
     monkeypatch.setattr(type(vae.decoder), "forward", failing_once)
-    with pytest.warns(UserWarning, match=r"out of memory \(DefaultCPUAllocator.*retrying Decoder tiled within"):
+    with pytest.warns(
+        UserWarning, match=r"out of memory \(DefaultCPUAllocator.*retrying Decoder tiled within"
+    ):
         out = vae.decode(z, max_memory="auto")
     check_close(out, ref)
     need = tiling.working_set(vae.decoder.units(), z, 4)
