@@ -163,11 +163,16 @@ def _tiled_forward(
 AUTO_SHARE = 0.5
 
 
+# How allocation failures surface on CPU: PyTorch's allocator, and oneDNN, which reports a failed scratchpad or
+# workspace allocation (seen under `ulimit -v`) only as a primitive it could not create.
+_CPU_OOM_MESSAGES = ("can't allocate memory", "could not create a primitive")
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
-    """An allocator failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    """An allocator failure: CUDA's OutOfMemoryError, or the CPU allocator's or oneDNN's RuntimeError."""
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _CPU_OOM_MESSAGES)
 
 
 def _auto_forward(net: nn.Module, x: Tensor, tile_size: int | None, pixels_per_input: int) -> Tensor:
