@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from test_tiling import THREE_LEVELS, check_close
 
 from ldm_vae import AutoencoderKL, VQAutoencoder, runtime, tiling
 from ldm_vae.config import VQ_PRESETS
 from ldm_vae.metrics import ssim
-from tests.test_tiling import THREE_LEVELS, check_close
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 5184000000 bytes. Error code 12"
 
