@@ -35,7 +35,7 @@ class CLIError(wf.WorkflowError):
     """A bad argument the user can fix; printed as one line."""
 
 
-def _tiling(args: argparse.Namespace) -> dict[str, int | None]:
+def _tiling(args: argparse.Namespace) -> dict[str, int | str | None]:
     """Workflow keyword arguments for exact tiling (both None: one untiled pass)."""
     return {"tile_size": args.tile_size, "max_memory": args.max_memory}
 
@@ -240,8 +240,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ argument types
 
 
-def _byte_size(text: str) -> int:
-    """'2.5GB' (10**9), '2.5G' or '2.5GiB' (2**30), '800M', '64K' or a plain number of bytes."""
+def _byte_size(text: str) -> int | str:
+    """'auto', '2.5GB' (10**9), '2.5G' or '2.5GiB' (2**30), '800M', '64K' or a plain number of bytes."""
+    if text.strip().lower() == "auto":
+        return "auto"
     t = text.strip().upper()
     base = 1000 if t.endswith("B") and not t.endswith("IB") else 1024  # GB is decimal, G and GiB binary
     t = t.removesuffix("B").removesuffix("I")
@@ -363,9 +365,10 @@ def _model_parent() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-memory",
         type=_byte_size,
-        default=None,
+        default="auto",
         metavar="SIZE",
-        help="exact tiling within this activation memory, e.g. 2.5GB (10^9) or 2.5GiB (2^30) (picks --tile-size if not given)",
+        help="activation memory for exact tiling, e.g. 2.5GB (10^9) or 2.5GiB (2^30) (picks --tile-size if "
+        "not given); default auto: untiled when the image fits half the free memory, else tiled within it",
     )
     return run
 

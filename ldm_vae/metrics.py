@@ -45,6 +45,28 @@ def _gaussian_window(size: int, sigma: float) -> Tensor:
     return g / g.sum()  # (size,)
 
 
+SSIM_STRIP_ELEMENTS = 2**22  # input elements per strip of the SSIM map (float64: 32 MB, ~10 temporaries)
+
+
+def _ssim_map(a: Tensor, b: Tensor, g: Tensor) -> Tensor:
+    """SSIM at each "valid" window position of (B, C, h, w) images in [0, 1] (float64): (B, C, h', w')."""
+    n, c, h, w = a.shape
+    size = g.numel()
+
+    def blur(x: Tensor) -> Tensor:
+        # Separable Gaussian over each channel; "valid" positions only, as skimage crops its borders.
+        x = x.reshape(n * c, 1, h, w)
+        x = F.conv2d(x, g.view(1, 1, size, 1))
+        return F.conv2d(x, g.view(1, 1, 1, size)).reshape(n, c, h - size + 1, w - size + 1)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1 after rescaling
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+
+
 def ssim(a: Tensor, b: Tensor) -> Tensor:
     """Mean SSIM per image (Wang et al. 2004) of images in [-1, 1], computed on them mapped to [0, 1].
 
@@ -55,25 +77,21 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     """
     single = a.ndim == 3
     a, b = _batched(a, b)
-    # SSIM's luminance term is not shift-invariant, so the [0, 1] mapping (the usual setting) matters.
-    a, b = (a.double() + 1.0) / 2.0, (b.double() + 1.0) / 2.0
     n, c, h, w = a.shape
     size = min(SSIM_WINDOW, h - (h + 1) % 2, w - (w + 1) % 2)
-    g = _gaussian_window(size, SSIM_SIGMA).to(a.device)
+    g = _gaussian_window(size, SSIM_SIGMA).to(a.device)  # float64
 
-    def blur(x: Tensor) -> Tensor:
-        # Separable Gaussian over each channel; "valid" positions only, as skimage crops its borders.
-        x = x.reshape(n * c, 1, h, w)
-        x = F.conv2d(x, g.view(1, 1, size, 1))
-        return F.conv2d(x, g.view(1, 1, 1, size))  # (B*C, 1, h', w')
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1 after rescaling
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    out = s.reshape(n, c, -1).mean(dim=2).mean(dim=1).float()  # (B,)
+    # The SSIM map is local (one window), so it is summed over strips of output rows: the same values, but a
+    # 9000x9000 image needs a few strips' temporaries instead of a dozen float64 copies of itself.
+    valid_h, valid_w = h - size + 1, w - size + 1
+    rows = max(1, SSIM_STRIP_ELEMENTS // max(1, n * c * w))
+    total = torch.zeros(n, c, dtype=torch.float64, device=a.device)
+    for r0 in range(0, valid_h, rows):
+        r1 = min(valid_h, r0 + rows)
+        # SSIM's luminance term is not shift-invariant, so the [0, 1] mapping (the usual setting) matters.
+        sa, sb = ((t[..., r0 : r1 + size - 1, :].double() + 1.0) / 2.0 for t in (a, b))
+        total += _ssim_map(sa, sb, g).sum(dim=(2, 3))
+    out = (total / (valid_h * valid_w)).mean(dim=1).float()  # (B,)
     return out[0] if single else out
 
 

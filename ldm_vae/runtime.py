@@ -48,3 +48,68 @@ def memory_format_for(dtype: torch.dtype, device: torch.device | str = "cpu") ->
     if dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _meminfo_available() -> int | None:
+    """Linux's MemAvailable (what can be allocated without swapping), or None without /proc."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, v1 ``limit_in_bytes``)."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # no limit (v1 writes a huge number)
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def _address_space_headroom() -> int | None:
+    """Bytes left under ``ulimit -v`` (RLIMIT_AS), or None when unlimited or unknown."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, soft - size)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes this process can still allocate on ``device``, or None where nothing says.
+
+    CPU: the least of Linux's MemAvailable, the headroom under the cgroup limit and under ``ulimit -v``. CUDA:
+    free memory as the driver reports it plus what PyTorch's caching allocator holds but does not use.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + idle
+    if device.type != "cpu":
+        return None
+    known = [
+        m for m in (_meminfo_available(), _cgroup_headroom(), _address_space_headroom()) if m is not None
+    ]
+    return min(known) if known else None

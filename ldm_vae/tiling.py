@@ -25,12 +25,15 @@ import ctypes
 import ctypes.util
 import math
 import os
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from .modules import GroupNorm, Unit
+from .runtime import available_memory
 
 GIB = 1024**3
 DEFAULT_STORE_BUDGET = 1 * GIB  # full-size activations kept at once when no max_memory is given
@@ -111,12 +114,15 @@ class _Span:
     last: bool  # reaches the end of the image (owns the remainder of every resolution's rows/columns)
 
 
+MaxMemory = int | Literal["auto"] | None
+
+
 def tiled_forward(
     net: nn.Module,
     x: Tensor,
     tile_size: int | None,
     pixels_per_input: int,
-    max_memory: int | None = None,
+    max_memory: MaxMemory = None,
 ) -> Tensor:
     """Runs ``net`` on ``x`` in one pass, or exactly tiled.
 
@@ -126,10 +132,20 @@ def tiled_forward(
         tile_size: tile edge in image pixels; None runs untiled unless ``max_memory`` is set.
         pixels_per_input: image pixels per input pixel (1 for the encoder, f for the decoder).
         max_memory: bytes the tiled run may use for activations (stores plus tile work); picks
-            ``tile_size`` when that is None. Default: 1 GiB of stores.
+            ``tile_size`` when that is None. Default: 1 GiB of stores. ``"auto"``: a share of the memory the
+            device has free (:func:`ldm_vae.runtime.available_memory`); untiled when the estimated working
+            set fits it, tiled otherwise, and an allocator failure is retried once, tiled in half the budget.
     """
+    if max_memory == "auto":
+        return _auto_forward(net, x, tile_size, pixels_per_input)
     if tile_size is None and max_memory is None:
         return net(x)
+    return _tiled_forward(net, x, tile_size, pixels_per_input, max_memory)
+
+
+def _tiled_forward(
+    net: nn.Module, x: Tensor, tile_size: int | None, pixels_per_input: int, max_memory: int | None
+) -> Tensor:
     units = net.units()
     if tile_size is None:
         tile_size = tile_size_for(units, x, pixels_per_input, max_memory)
@@ -142,11 +158,74 @@ def tiled_forward(
         return _TiledRun(units, tile_size, pixels_per_input, store_budget)(x)
 
 
+# Share of the free memory an "auto" run budgets for activations. The rest covers the working-set model's
+# error (it undercounts reduced precision), the output and its float32 copy, and what the caller does next.
+AUTO_SHARE = 0.5
+
+
+# How allocation failures surface on CPU: PyTorch's allocator, and oneDNN, which reports a failed scratchpad or
+# workspace allocation (seen under `ulimit -v`) only as a primitive it could not create.
+_CPU_OOM_MESSAGES = ("can't allocate memory", "could not create a primitive")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """An allocator failure: CUDA's OutOfMemoryError, or the CPU allocator's or oneDNN's RuntimeError."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _CPU_OOM_MESSAGES)
+
+
+def _auto_forward(net: nn.Module, x: Tensor, tile_size: int | None, pixels_per_input: int) -> Tensor:
+    """``max_memory="auto"``: untiled if it fits, else tiled in the free memory; one retry in half of it."""
+    need = working_set(net.units(), x, pixels_per_input)
+    free = available_memory(x.device)
+    budget = need if free is None else int(free * AUTO_SHARE)
+    attempts = [budget, min(budget, need) // 2]
+    error = ""
+    for i, mem in enumerate(attempts):
+        if i:
+            warnings.warn(
+                f"out of memory ({error}); retrying {type(net).__name__} tiled within {mem / 1e9:.2f} GB",
+                stacklevel=4,
+            )
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+        try:
+            if i == 0 and tile_size is None and need <= mem:
+                return net(x)
+            return _tiled_forward(net, x, tile_size, pixels_per_input, mem)
+        except Exception as err:  # the API boundary of a tiled run, not a module's forward
+            if not _is_out_of_memory(err):
+                raise
+            error = str(err).strip().splitlines()[0][:160]
+        # Retried after the except block, so the failed attempt's tensors (held by the traceback) are freed.
+    h, w = (n * pixels_per_input for n in x.shape[-2:])
+    free_text = "unknown" if free is None else f"{free / 1e9:.1f} GB"
+    raise MemoryError(
+        f"{type(net).__name__} on {x.shape[0]}x{h}x{w} px needs about {need / 1e9:.1f} GB of activations "
+        f"untiled and failed tiled within {attempts[-1] / 1e9:.2f} GB ({free_text} free): {error}"
+    )
+
+
+def working_set(units: list[Unit], x: Tensor, pixels_per_input: int) -> int:
+    """Estimated peak activation bytes of an untiled run of ``units`` on ``x`` (the tile model, one tile)."""
+    bytes_per_px, _ = _working_set_per_pixel(units, x, pixels_per_input)
+    return int(bytes_per_px * x.shape[0] * x.shape[-2] * x.shape[-1] * pixels_per_input**2)
+
+
 STORE_SHARE = 0.6  # of max_memory for full-size activations; the rest is for the tile being computed
 
 
 def tile_size_for(units: list[Unit], x: Tensor, pixels_per_input: int, max_memory: int) -> int:
-    """The largest tile edge (image pixels, multiple of 64) whose working set fits the non-store share.
+    """The largest tile edge (image pixels, multiple of 64) whose working set fits the non-store share."""
+    bytes_per_px, halo = _working_set_per_pixel(units, x, pixels_per_input)
+    budget = max_memory * (1 - STORE_SHARE)
+    edge = int(math.sqrt(budget / max(bytes_per_px * x.shape[0], 1e-9)) - 2 * halo)
+    return max(64, edge // 64 * 64)
+
+
+def _working_set_per_pixel(units: list[Unit], x: Tensor, pixels_per_input: int) -> tuple[float, float]:
+    """(Peak bytes per image pixel, halo in image pixels) of running ``units``.
 
     A tile's peak is about four live activations of the widest layer per image pixel, over the tile and a
     halo of every convolution from the input.
@@ -160,9 +239,7 @@ def tile_size_for(units: list[Unit], x: Tensor, pixels_per_input: int, max_memor
             bytes_per_px = max(bytes_per_px, 4 * widest * x.element_size() / min(factor, out_factor) ** 2)
         halo += u.convs * max(factor, out_factor)
         factor = out_factor
-    budget = max_memory * (1 - STORE_SHARE)
-    edge = int(math.sqrt(budget / max(bytes_per_px * x.shape[0], 1e-9)) - 2 * halo)
-    return max(64, edge // 64 * 64)
+    return bytes_per_px, halo
 
 
 def _out_size(n: int, units: list[Unit]) -> int:

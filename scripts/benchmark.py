@@ -1,14 +1,21 @@
-"""Encode/decode speed, memory and accuracy: ldm_vae against diffusers on the same random SD-shaped weights.
+"""Encode/decode speed, memory and accuracy: ldm_vae against diffusers (eager and ``torch.compile``) and
+OpenVINO, on the same random SD-shaped weights.
 
-Every case runs in a fresh subprocess, so its peak RSS is its own. Accuracy is against the fp32 untiled
-decode/encode (ldm_vae and diffusers agree bit for bit there). Usage:
+Every case runs in a fresh subprocess, so its peak RSS is its own. With ``--rounds N`` the cases run N times,
+interleaved (round 1 runs every case once, then round 2, ...), and medians are over rounds, so a change in
+machine load hits every case alike. Compiled cases (``torch.compile`` with inductor, freezing on; OpenVINO's
+``convert_model`` + ``compile_model``) report their first call, compilation included, as ``first s``.
+Accuracy is against the fp32 untiled decode/encode (ldm_vae and diffusers agree bit for bit there). Usage:
 
-    python scripts/benchmark.py [--sizes 256 512 1024] [--tiled-sizes 2048] [--json bench.json]
+    python scripts/benchmark.py [--sizes 256 512 1024] [--tiled-sizes 2048] [--rounds 3] [--json bench.json]
+
+OpenVINO is optional (``pip install openvino``); without it its case is skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -26,9 +33,12 @@ GIB = 1024**3
 CASES = {
     "diffusers fp32": ("diffusers", "fp32", "plain"),
     "diffusers bf16+channels_last": ("diffusers", "bf16", "plain"),
+    "diffusers bf16+channels_last compile": ("diffusers", "bf16", "compile"),
     "diffusers tiled fp32": ("diffusers", "fp32", "tiled"),
+    "openvino bf16": ("openvino", "bf16", "compile"),
     "ldm_vae fp32": ("ldm_vae", "fp32", "plain"),
     "ldm_vae auto": ("ldm_vae", "auto", "plain"),
+    "ldm_vae auto compile": ("ldm_vae", "auto", "compile"),
     "ldm_vae exact-tiled fp32": ("ldm_vae", "fp32", "tiled"),
     "ldm_vae exact-tiled auto": ("ldm_vae", "auto", "tiled"),
 }
@@ -44,39 +54,83 @@ def proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+def _inductor_for_inference() -> None:
+    """Inductor's CPU inference settings: weights frozen into the graph as constants (folds layout
+    conversions and lets oneDNN pre-pack them), as diffusers' and PyTorch's CPU inference guides do."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+
+
+def _diffusers_run(spec: dict, inp: torch.Tensor):
+    import diffusers
+
+    torch_dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    model = diffusers.AutoencoderKL.from_pretrained(spec["weights"], torch_dtype=torch_dtype).eval()
+    if spec["dtype"] == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+        inp = inp.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    if spec["how"] == "tiled":
+        model.enable_tiling()
+    if spec["how"] == "compile":  # what diffusers' docs suggest: compile the networks
+        _inductor_for_inference()
+        model.encoder.compile(fullgraph=True)
+        model.decoder.compile(fullgraph=True)
+    if spec["op"] == "encode":
+        return lambda: model.encode(inp).latent_dist.mean.float()
+    return lambda: model.decode(inp).sample.float()
+
+
+def _openvino_run(spec: dict, inp: torch.Tensor):
+    """diffusers' encoder (+ quant_conv) or (post_quant_conv +) decoder through OpenVINO, bf16 inference."""
+    import diffusers
+    import openvino as ov
+
+    model = diffusers.AutoencoderKL.from_pretrained(spec["weights"]).eval()
+    if spec["op"] == "encode":
+        net = torch.nn.Sequential(model.encoder, model.quant_conv)
+    else:
+        net = torch.nn.Sequential(model.post_quant_conv, model.decoder)
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    compiled = None
+
+    def run():
+        nonlocal compiled
+        if compiled is None:  # static shape, converted and compiled on the first call (counted in first s)
+            compiled = core.compile_model(ov.convert_model(net, example_input=inp), "CPU", config)
+        out = torch.from_numpy(compiled(inp.numpy())[0])
+        return out[:, : out.shape[1] // 2] if spec["op"] == "encode" else out  # the posterior mean
+
+    return run
+
+
+def _ldm_vae_run(spec: dict, inp: torch.Tensor):
+    from ldm_vae import AutoencoderKL
+
+    model = AutoencoderKL.from_pretrained(spec["weights"], dtype=spec["dtype"])
+    if spec["how"] == "compile":
+        _inductor_for_inference()
+        model.compile_()
+    kwargs = {"max_memory": TILED_MAX_MEMORY} if spec["how"] == "tiled" else {}
+    if spec["op"] == "encode":
+        return lambda: model.encode(inp, **kwargs).mean
+    return lambda: model.decode(inp, **kwargs)
+
+
 def worker(spec: dict) -> None:
     """Runs one case in this (fresh) process and writes timings, memory and the output."""
     torch.manual_seed(0)
-    folder, op = spec["weights"], spec["op"]
     inp = torch.load(spec["input"], weights_only=True)
-    if spec["library"] == "diffusers":
-        import diffusers
-
-        torch_dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-        model = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype).eval()
-        if spec["dtype"] == "bf16":
-            model = model.to(memory_format=torch.channels_last)
-            inp = inp.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        if spec["how"] == "tiled":
-            model.enable_tiling()
-
-        def run():
-            if op == "encode":
-                return model.encode(inp).latent_dist.mean.float()
-            return model.decode(inp).sample.float()
-    else:
-        from ldm_vae import AutoencoderKL
-
-        model = AutoencoderKL.from_pretrained(folder, dtype=spec["dtype"])
-        kwargs = {"max_memory": TILED_MAX_MEMORY} if spec["how"] == "tiled" else {}
-
-        def run():
-            return model.encode(inp, **kwargs).mean if op == "encode" else model.decode(inp, **kwargs)
-
-    times = []
+    run = {"diffusers": _diffusers_run, "openvino": _openvino_run, "ldm_vae": _ldm_vae_run}[spec["library"]](
+        spec, inp
+    )
+    times, first = [], None
     with torch.no_grad():
         if spec["warmup"]:
-            run()  # one untimed run: oneDNN builds its kernels on first use
+            t = time.perf_counter()
+            run()  # one untimed run: oneDNN builds its kernels (and compilers compile) on first use
+            first = time.perf_counter() - t
         base = proc_status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         for _ in range(spec["repeats"]):
@@ -85,7 +139,8 @@ def worker(spec: dict) -> None:
             times.append(time.perf_counter() - t)
     peak = proc_status("VmHWM")
     torch.save(out.contiguous(), spec["output"])
-    Path(spec["result"]).write_text(json.dumps({"times": times, "peak_above_model": peak - base}))
+    result = {"times": times, "first_s": first, "peak_above_model": peak - base}
+    Path(spec["result"]).write_text(json.dumps(result))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,16 +168,22 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}.",
         "",
-        "| op | size | case | median s | x vs diffusers fp32 | x vs diffusers bf16 | peak GB | max abs diff | PSNR dB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| op | size | case | median s | first s | x vs diffusers fp32 | x vs diffusers bf16 | x vs diffusers bf16 "
+        "compile | peak GB | max abs diff | PSNR dB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratios = []
-        for base in ("diffusers fp32", "diffusers bf16+channels_last"):
+        for base in (
+            "diffusers fp32",
+            "diffusers bf16+channels_last",
+            "diffusers bf16+channels_last compile",
+        ):
             ref = by_key.get((r["op"], r["size"], base))
             ratios.append(f"{ref['median_s'] / r['median_s']:.2f}" if ref else "")
+        first = "" if r.get("first_s") is None else f"{r['first_s']:.1f}"
         lines.append(
-            f"| {r['op']} | {r['size']} | {r['case']} | {r['median_s']:.2f} | {ratios[0]} | {ratios[1]} | "
+            f"| {r['op']} | {r['size']} | {r['case']} | {r['median_s']:.2f} | {first} | {' | '.join(ratios)} | "
             f"{peak_gb(r):.2f} | {' | '.join(accuracy(r))} |"
         )
     return "\n".join(lines)
@@ -136,7 +197,10 @@ def main() -> None:
     )
     p.add_argument("--ops", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (1 above 512 px)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case and round (1 above 512 px)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds of all cases (medians over rounds)"
+    )
     p.add_argument(
         "--no-reference",
         action="store_true",
@@ -168,7 +232,8 @@ def main() -> None:
     print(f"machine: {model_name}; {machine}; SD-shaped random weights")
     results = []
     header = (
-        f"{'op':6} {'size':>5} {'case':30} {'median s':>9} {'peak GB':>8} {'max|diff|':>10} {'PSNR dB':>8}"
+        f"{'op':6} {'size':>5} {'case':38} {'median s':>9} {'first s':>8} {'peak GB':>8} {'max|diff|':>10} "
+        f"{'PSNR dB':>8}"
     )
     print(header)
     for op in args.ops:
@@ -188,44 +253,59 @@ def main() -> None:
             if not args.no_reference:
                 with torch.no_grad():  # the fp32 untiled reference, in this process
                     ref = reference_model.encode(inp).mean if op == "encode" else reference_model.decode(inp)
-            for case in cases:
-                library, dtype, how = CASES[case]
-                spec = dict(
-                    library=library,
-                    dtype=dtype,
-                    how=how,
-                    op=op,
-                    weights=str(tmp / "weights"),
-                    input=str(tmp / "input.pt"),
-                    output=str(tmp / "out.pt"),
-                    result=str(tmp / "result.json"),
-                    repeats=args.repeats if size <= 512 else 1,
-                    warmup=size <= 512,  # above that, one timed run (minutes each); it includes set-up
-                )
-                (tmp / "spec.json").write_text(json.dumps(spec))
-                subprocess.run([sys.executable, __file__, "--worker", str(tmp / "spec.json")], check=True)
-                res = json.loads((tmp / "result.json").read_text())
-                out = torch.load(tmp / "out.pt", weights_only=True)
+            if "openvino bf16" in cases and importlib.util.find_spec("openvino") is None:
+                cases.remove("openvino bf16")
+                print("openvino is not installed (pip install openvino): its case is skipped")
+            per_case: dict[str, list[dict]] = {c: [] for c in cases}
+            for _ in range(args.rounds):  # interleaved: each round runs every case once
+                for case in cases:
+                    library, dtype, how = CASES[case]
+                    spec = dict(
+                        library=library,
+                        dtype=dtype,
+                        how=how,
+                        op=op,
+                        weights=str(tmp / "weights"),
+                        input=str(tmp / "input.pt"),
+                        output=str(tmp / "out.pt"),
+                        result=str(tmp / "result.json"),
+                        repeats=args.repeats if size <= 512 else 1,
+                        warmup=size <= 512 or how == "compile",  # above 512 one timed run (minutes each)
+                    )
+                    (tmp / "spec.json").write_text(json.dumps(spec))
+                    subprocess.run([sys.executable, __file__, "--worker", str(tmp / "spec.json")], check=True)
+                    res = json.loads((tmp / "result.json").read_text())
+                    res["output"] = torch.load(tmp / "out.pt", weights_only=True)
+                    per_case[case].append(res)
+            for case, runs in per_case.items():
+                out = runs[-1]["output"]
                 row = dict(
                     op=op,
                     size=size,
                     case=case,
-                    median_s=statistics.median(res["times"]),
-                    times=res["times"],
-                    peak_bytes=res["peak_above_model"],
-                    peak_gb=res["peak_above_model"] / 1e9,  # decimal GB, as the 2.5 GB target
+                    # the median of the rounds' medians: each round's repeats are one sample of the load
+                    median_s=statistics.median(statistics.median(r["times"]) for r in runs),
+                    times=[r["times"] for r in runs],
+                    first_s=runs[0]["first_s"],
+                    peak_bytes=max(r["peak_above_model"] for r in runs),
                     max_abs_diff=None if ref is None else float((out - ref).abs().max()),
                     psnr_db=None if ref is None else psnr(out, ref),
                 )
+                row["peak_gb"] = row["peak_bytes"] / 1e9  # decimal GB, as the 2.5 GB target
                 results.append(row)
                 diff_text, psnr_text = accuracy(row)
+                first_text = "" if row["first_s"] is None else f"{row['first_s']:.1f}"
                 print(
-                    f"{op:6} {size:>5} {case:30} {row['median_s']:>9.2f} {row['peak_gb']:>8.2f} "
+                    f"{op:6} {size:>5} {case:38} {row['median_s']:>9.2f} {first_text:>8} {row['peak_gb']:>8.2f} "
                     f"{diff_text:>10} {psnr_text:>8}",
                     flush=True,
                 )
-                if args.json:  # after every case: a long run stopped early keeps what it measured
-                    report = {"machine": f"{model_name}; {machine}", "results": results}
+                if args.json:  # after every size: a long run stopped early keeps what it measured
+                    report = {
+                        "machine": f"{model_name}; {machine}",
+                        "rounds": args.rounds,
+                        "results": results,
+                    }
                     args.json.write_text(json.dumps(report, indent=2))
 
 

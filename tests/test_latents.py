@@ -248,7 +248,7 @@ def test_another_dtype_or_tiling_is_refused(own_photos, vae_dir, tmp_path, capsy
     assert cache(own_photos, vae_dir, out, "--tile-size", "8") == 1
     assert f"{out}: encoded with tile size none, this run with 8; write" in one_line_error(capsys)
     assert cache(own_photos, vae_dir, out, "--max-memory", "2MiB") == 1
-    assert "encoded with max memory none, this run with 2097152" in one_line_error(capsys)
+    assert "encoded with max memory auto, this run with 2097152" in one_line_error(capsys)
     assert snapshot(out) == before
 
 
