@@ -19,7 +19,7 @@ ROOT = Path(ldm_vae.__file__).parent
 LOWER = [
     *("modules", "autoencoder_kl", "vq", "config", "checkpoint", "pretrained", "images", "tiling"),
     *("distributions", "metrics", "runtime", "interface", "autoencoders", "io", "checks", "seeds"),
-    *("losses", "latents", "ldm"),
+    *("losses", "latents", "ldm", "latent_regularizers"),
 ]
 UPPER = ("ldm_vae.workflows", "ldm_vae.cli", "ldm_vae.demo", "ldm_vae.training")
 
