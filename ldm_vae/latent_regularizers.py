@@ -28,16 +28,18 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .interface import Autoencoder, Regularization
-from .losses import AutoencoderLoss
 from .metrics import psnr
 from .seeds import mix_seed
+
+if TYPE_CHECKING:  # the loss module imports lpips/torchvision: only the trainer needs it
+    from .losses import AutoencoderLoss
 
 Resample = Literal["bilinear", "bicubic", "area"]
 
