@@ -147,7 +147,7 @@ def measure(variant: str, args: argparse.Namespace, files: list[Path]) -> dict:
     with torch.inference_mode():
         result = {"equivariance": equivariance_scores(vae, files)}  # "identity": the plain reconstruction
     print(f"{variant}: fine-tune and equivariance done after {time.perf_counter() - start:.0f} s", flush=True)
-    result["ldm"] = ldm_bits(vae_dir, args, out)
+    result["ldm"] = ldm_bits(vae_dir, args, out) if args.ldm_steps else None
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -157,9 +157,9 @@ def table(results: dict) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         e, b = r["equivariance"], r["ldm"]
+        bits = f"{b['bpd']:.3f} ({b['bpd_ema']:.3f}) | {b['prior_bpd']:.3f}" if b else "not run | -"
         lines.append(
-            f"| {name} | {e['identity']:.2f} | {e['d4']:.2f} | {e['scale']:.2f} "
-            f"| {b['bpd']:.3f} ({b['bpd_ema']:.3f}) | {b['prior_bpd']:.3f} | {r['seconds']:.0f} |"
+            f"| {name} | {e['identity']:.2f} | {e['d4']:.2f} | {e['scale']:.2f} | {bits} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -170,7 +170,7 @@ def main() -> int:
     parser.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "photos"))
     parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps per variant")
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (constant)")
-    parser.add_argument("--ldm-steps", type=int, default=300, help="DDPM steps per variant")
+    parser.add_argument("--ldm-steps", type=int, default=300, help="DDPM steps per variant (0: no DDPM)")
     parser.add_argument("--views", type=int, default=4, help="cache-latents views per photo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default="shipped," + ",".join(VARIANTS))
