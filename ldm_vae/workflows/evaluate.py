@@ -201,7 +201,7 @@ def _means(rows: list[dict], protocol: Protocol) -> dict[str, Any]:
         shifts = [r["drift"][k]["color_shift"] for r in rows]
         mean[f"color_shift_{k}"] = [avg([s[c] for s in shifts]) for c in range(3)]
     if rows and "equivariance" in rows[0]:
-        for group, names in EQUIVARIANCE_GROUPS.items():  # inf (exact) never happens on real models; kept out
+        for group, names in EQUIVARIANCE_GROUPS.items():  # avg skips inf: a transform a model maps exactly
             mean[f"equivariance_{group}"] = avg(
                 [r["equivariance"][n] for r in rows for n in names if n in r["equivariance"]]
             )
