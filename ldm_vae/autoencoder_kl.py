@@ -16,6 +16,7 @@ from .checkpoint import LDM_PREFIXES
 from .checks import check_input, check_shape
 from .config import PRESETS, AutoencoderKLConfig
 from .distributions import DiagonalGaussian
+from .interface import LatentTransform, decode_views
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
 from .tiling import tiled_forward
@@ -105,17 +106,23 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return tiled_forward(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
 
     def forward(
-        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, DiagonalGaussian]:
+        self,
+        x: Tensor,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+        latent_transform: LatentTransform | None = None,
+    ) -> tuple[Tensor | tuple[Tensor, ...], DiagonalGaussian]:
         """Reconstruction and posterior; z is sampled (training) or the posterior mean.
 
         The training path: it checks the input's shape but reads nothing back from the device (no NaN/Inf
-        check, no fp16 retry; ``encode``/``decode`` have both), so a step never waits on a host sync.
+        check, no fp16 retry; ``encode``/``decode`` have both), so a step never waits on a host sync. With
+        ``latent_transform``, the decodes of the latents it makes from z (a tuple), drawn after the posterior
+        sample from the same generator if it draws at all.
         """
         check_shape(x, self.config.in_channels, "images")
         posterior = self._encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self._decode(z), posterior
+        return decode_views(self._decode, z, latent_transform), posterior
 
     def encoder_side(self) -> list[nn.Module]:
         """Encoder and quant_conv: what decoder-only fine-tuning freezes."""

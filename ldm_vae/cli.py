@@ -194,7 +194,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files = collect_images(args.images)
     wf.check_no_overwrite([out_dir / "results.json", out_dir / "report.html"], files)
     results = ev.evaluate(
-        files, args.model, out_dir, protocol, wf.resolve_device(args.device), not args.no_fp16
+        files,
+        args.model,
+        out_dir,
+        protocol,
+        wf.resolve_device(args.device),
+        not args.no_fp16,
+        args.equivariance,
     )
     print(ev.format_results(results))
     print(f"wrote results.json and report.html to {out_dir}", file=sys.stderr)
@@ -473,6 +479,11 @@ def add_eval_parser(sub: _Sub, common: Sequence[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--no-fp16", action="store_true", help="skip the fp16 finiteness check")
+    p.add_argument(
+        "--equivariance",
+        action="store_true",
+        help="also the equivariance PSNR: decode(tau(z)) vs tau(x) for flips, rotations, 2x/4x downscales",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 

@@ -8,10 +8,24 @@ knows its own loss term, how the recipe it comes from reduces the reconstruction
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+#: What a training forward decodes instead of z: one or more latents made from it (a transformed copy, a
+#: downsampled one, a noisy one), each decoded in the same pass. See :meth:`Autoencoder.forward`.
+LatentTransform = Callable[[Tensor], tuple[Tensor, ...]]
+
+
+def decode_views(
+    decode: Callable[[Tensor], Tensor], z: Tensor, latent_transform: LatentTransform | None
+) -> Tensor | tuple[Tensor, ...]:
+    """``decode(z)``, or with a transform the tuple of decodes of ``latent_transform(z)``, one per latent."""
+    if latent_transform is None:
+        return decode(z)
+    return tuple(decode(view) for view in latent_transform(z))
 
 
 @runtime_checkable
@@ -63,9 +77,17 @@ class Autoencoder(Protocol):
         ...
 
     def forward(
-        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Regularization]:
-        """(reconstruction, the bottleneck's report); training samples a stochastic bottleneck."""
+        self,
+        x: Tensor,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+        latent_transform: LatentTransform | None = None,
+    ) -> tuple[Tensor | tuple[Tensor, ...], Regularization]:
+        """(reconstruction, the bottleneck's report); training samples a stochastic bottleneck.
+
+        With ``latent_transform`` the reconstruction is the tuple of decodes of ``latent_transform(z)``: the
+        latent regularizers' views (:mod:`ldm_vae.latent_regularizers`) go through one (DDP-wrapped) forward.
+        """
         ...
 
     def scale_latents(self, z: Tensor) -> Tensor:

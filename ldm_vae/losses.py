@@ -300,6 +300,30 @@ class AutoencoderLoss(nn.Module):
         ratio = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
         return ratio.clamp(0.0, cfg.adaptive_weight_max).detach() * cfg.disc_weight
 
+    def reconstruction_nll(
+        self, x: Tensor, recon: Tensor, reg: Regularization
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The reconstruction term: (scalar nll, per-pixel term (B, C, H, W), LPIPS (B, 1, 1, 1) or 0).
+
+        nll = (pixel + w_p * LPIPS) / e^s + s, reduced as ``reg.pixel_reduction`` says.
+        """
+        cfg = self.config
+        if x.shape != recon.shape:
+            raise ValueError(
+                f"inputs {tuple(x.shape)} and reconstructions {tuple(recon.shape)} differ in shape"
+            )
+        diff = x.contiguous() - recon.contiguous()
+        pixel = diff.abs() if cfg.rec_loss == "l1" else diff.pow(2)  # (B, C, H, W)
+        rec = pixel
+        perceptual = torch.zeros((), device=x.device)
+        if self.perceptual is not None:
+            perceptual = self.perceptual(x.contiguous(), recon.contiguous())  # (B, 1, 1, 1)
+            rec = pixel + cfg.perceptual_weight * perceptual  # broadcast over pixels, as LDM/taming
+        nll = rec / torch.exp(self.logvar) + self.logvar  # (B, C, H, W)
+        # LDM sums over C, H, W and averages over the batch, like its KL; taming averages over every element.
+        nll = nll.sum() / nll.shape[0] if reg.pixel_reduction == "sum" else nll.mean()
+        return nll, pixel, perceptual
+
     def generator_loss(
         self,
         x: Tensor,
@@ -325,20 +349,7 @@ class AutoencoderLoss(nn.Module):
             code_usage and perplexity).
         """
         cfg = self.config
-        if x.shape != recon.shape:
-            raise ValueError(
-                f"inputs {tuple(x.shape)} and reconstructions {tuple(recon.shape)} differ in shape"
-            )
-        diff = x.contiguous() - recon.contiguous()
-        pixel = diff.abs() if cfg.rec_loss == "l1" else diff.pow(2)  # (B, C, H, W)
-        rec = pixel
-        perceptual = torch.zeros((), device=x.device)
-        if self.perceptual is not None:
-            perceptual = self.perceptual(x.contiguous(), recon.contiguous())  # (B, 1, 1, 1)
-            rec = pixel + cfg.perceptual_weight * perceptual  # broadcast over pixels, as LDM/taming
-        nll = rec / torch.exp(self.logvar) + self.logvar  # (B, C, H, W)
-        # LDM sums over C, H, W and averages over the batch, like its KL; taming averages over every element.
-        nll = nll.sum() / nll.shape[0] if reg.pixel_reduction == "sum" else nll.mean()
+        nll, pixel, perceptual = self.reconstruction_nll(x, recon, reg)
         loss = nll + cfg.regularizer_weight(reg.name) * reg.regularization_loss()
 
         factor = self.disc_factor_at(step)

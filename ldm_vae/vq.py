@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .checks import check_indices, check_input, check_shape, is_integer
 from .config import VQ_PRESETS, VQConfig
+from .interface import LatentTransform, decode_views
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
 from .tiling import tiled_forward
@@ -352,16 +353,21 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
             check_used_codes(self.quantize.used, self.config.num_vq_embeddings, f"{source}: quantize.used")
 
     def forward(
-        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, VQInfo]:
+        self,
+        x: Tensor,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
+        latent_transform: LatentTransform | None = None,
+    ) -> tuple[Tensor | tuple[Tensor, ...], VQInfo]:
         """Reconstruction and quantizer info, as ``AutoencoderKL.forward`` returns (recon, posterior).
 
         ``sample_posterior`` and ``generator`` are the common contract's; the quantizer ignores them. As
-        ``AutoencoderKL.forward``, it checks the input's shape only and reads nothing back from the device.
+        ``AutoencoderKL.forward``, it checks the input's shape only and reads nothing back from the device;
+        ``latent_transform`` acts on the quantized latents the decoder sees.
         """
         check_shape(x, self.config.in_channels, "images")
         z_q, info = self.quantize(self._encode(x))
-        return self._decode(z_q), info
+        return decode_views(self._decode, z_q, latent_transform), info
 
     def encoder_side(self) -> list[nn.Module]:
         """Encoder, quant_conv and codebook: what decoder-only fine-tuning freezes."""

@@ -127,3 +127,28 @@ def test_refusals_are_one_line(setup, tmp_path, capsys):
         assert main(["eval", str(images), "--model", str(kl), "-o", str(tmp_path / "o"), *extra]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_equivariance_columns_equal_the_metric_on_the_padded_image(setup, tmp_path, capsys):
+    from ldm_vae.images import pad_to_multiple
+    from ldm_vae.latent_regularizers import EQUIVARIANCE_GROUPS, equivariance_psnr
+
+    images, kl, _ = setup
+    out = tmp_path / "out"
+    args = ["eval", str(images), "--model", str(kl), "-o", str(out), "--rounds", "1", "--no-fp16"]
+    assert main([*args, "--equivariance"]) == 0
+    printed = capsys.readouterr().out
+    assert "EQ-d4" in printed and "EQ-scale" in printed and "decode(tau(z)) against tau(x)" in printed
+    r = json.loads((out / "results.json").read_text())["models"][str(kl)]
+    vae = AutoencoderKL.from_pretrained(kl)
+    protocol = ev.parse_protocol("native", "fp32", [1])
+    with torch.no_grad():
+        for row, path in zip(r["images"], sorted(images.iterdir()), strict=True):
+            padded = pad_to_multiple(ev.prepare(path, protocol), 2)[None]
+            want = equivariance_psnr(vae, padded)
+            assert row["equivariance"] == pytest.approx({k: v.item() for k, v in want.items()}, abs=1e-4)
+    d4 = [row["equivariance"][n] for row in r["images"] for n in EQUIVARIANCE_GROUPS["d4"]]
+    assert r["mean"]["equivariance_d4"] == pytest.approx(sum(d4) / len(d4))
+    # Without the flag nothing is computed and the table keeps its columns.
+    assert main([*args, "-o", str(tmp_path / "plain")]) == 0
+    assert "EQ-d4" not in capsys.readouterr().out

@@ -242,3 +242,62 @@ def test_fp16_scaler_unscales_both_optimizers_with_one_scale_and_updates_once(ph
     for n, p in obj.disc.named_parameters():  # unscaled in place by the scale the gradients were made with
         torch.testing.assert_close(p.grad, true_d[n], rtol=1e-6, atol=0)
     assert scaler.get_scale() == 8.0  # one update per optimizer step, not one per optimizer
+
+
+# ------------------------------------------------------------------------------------------- latent regularizers
+
+
+def test_eq_vae_step_compares_the_decode_of_tau_z_with_tau_x(photos, tmp_path):
+    obj = objective(
+        photos,
+        tmp_path,
+        ("eq_vae.enabled", "true"),
+        ("eq_vae.prob", "1"),
+        ("eq_vae.min_scale", "0.5"),  # 16-30 px images: the 2-layer discriminator takes >= 12
+    )
+    x = batch()
+    out = obj.loss(x, generator(), step=0)
+    assert out.logs["eq_applied"].item() == 1.0 and out.losses[1] is not None  # the GAN ran on tau(x) too
+    plan = obj.latent_regs.draw(generator(), (16, 16))
+    tau = plan.views[0]
+    assert tau.size is not None and tau.size[0] < 16 and 1 <= tau.rot <= 3
+    (recon,), _ = obj.model(x, sample_posterior=True, generator=generator(), latent_transform=plan)
+    target = plan.targets(x)[0]
+    assert target.shape[-2:] == (2 * tau.size[0], 2 * tau.size[1])
+    assert out.logs["rec"].item() == pytest.approx((target - recon).abs().mean().item(), rel=1e-6)
+    # ... to a precision that tells another quarter turn of the target apart.
+    other = torch.rot90(target, 2, dims=(-2, -1))
+    assert out.logs["rec"].item() != pytest.approx((other - recon).abs().mean().item(), rel=1e-4)
+
+
+def test_scale_equivariance_adds_the_downscaled_term_per_pixel(photos, tmp_path):
+    obj = objective(
+        photos,
+        tmp_path,
+        ("loss.disc_weight", "0"),
+        ("scale_equivariance.enabled", "true"),
+        ("scale_equivariance.factors", "2"),
+        ("scale_equivariance.weight", "0.5"),
+    )
+    x = batch()
+    logs = obj.loss(x, generator(), step=0).logs
+    recon, posterior = obj.model(x, sample_posterior=True, generator=generator())
+    z = posterior.sample(generator())
+    small = obj.model._decode(torch.nn.functional.avg_pool2d(z, 2))  # 2x bilinear = 2x2 average
+    x_small = torch.nn.functional.avg_pool2d(x, 2)
+    se = (x_small - small).abs().sum() / 4 * 4  # LDM's sum over pixels, scaled back to full resolution
+    assert logs["scale_eq"].item() == pytest.approx(se.item(), rel=1e-5)
+    nll = (x - recon).abs().sum() / 4
+    total = nll + 1e-6 * posterior.regularization_loss() + 0.5 * se
+    assert logs["total"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_latent_noise_with_sigma_zero_leaves_the_step_bit_for_bit_unchanged(photos, tmp_path):
+    plain = objective(photos, tmp_path)
+    zero = objective(photos, tmp_path, ("latent_noise.enabled", "true"), ("latent_noise.sigma_max", "0"))
+    noisy = objective(photos, tmp_path, ("latent_noise.enabled", "true"), ("latent_noise.sigma_max", "0.5"))
+    x = batch()
+    want = plain.loss(x, generator(), step=0).losses
+    got = zero.loss(x, generator(), step=0).losses
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert not torch.equal(noisy.loss(x, generator(), step=0).losses[0], want[0])

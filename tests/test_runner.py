@@ -1,4 +1,5 @@
-"""The training runner's launch safety: world-size checks, the run-folder lock, too-small data sets."""
+"""The training runner: launch safety (world-size checks, the run-folder lock, too-small data sets), and exact
+resumes and multi-process runs with the latent regularizers on."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _accelerate import fresh_accelerate, reset_accelerate  # noqa: F401 - fresh_accelerate is autouse
 from accelerate import Accelerator
 from PIL import Image
 
+from ldm_vae import AutoencoderKL
 from ldm_vae.training import ConfigError, load_config
 from ldm_vae.training import train_vae as tv
 from ldm_vae.training.runner import check_enough_data, check_world, run_lock
@@ -145,5 +148,82 @@ def test_multi_process_launch_without_gpu_runs_as_cpu_ranks(photos, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("world_size=2 distributed_type=MULTI_CPU") == 1
+    digests = dict(re.findall(r"\[rank (\d)/2\] weights sha256 (.*)", out.stdout))
+    assert sorted(digests) == ["0", "1"] and digests["0"] == digests["1"], out.stdout
+
+
+# ------------------------------------------------------------------------------------------- latent regularizers
+
+# All three regularizers at once on 32-pixel crops of the tiny model (f = 2: 16-pixel latents), with the GAN on:
+# EQ-VAE's downscales stop at 16 px and the scale term uses 2x only, both within the 12 px the discriminator needs.
+REGULARIZED = {
+    "data.resolution": 32,
+    "eq_vae.enabled": "true",
+    "eq_vae.min_scale": 0.5,
+    "eq_vae.flips": "true",
+    "scale_equivariance.enabled": "true",
+    "scale_equivariance.factors": 2,
+    "latent_noise.enabled": "true",
+    "latent_noise.sigma_max": 0.2,
+    "loss.disc_start": 1,
+    "model.decoder_only": "true",
+}
+
+
+def test_regularized_decoder_only_run_resumes_bit_for_bit(photos, tmp_path):
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from ldm_vae.training import read_metrics
+
+    regs = [(k, str(v)) for k, v in REGULARIZED.items()]
+    common = [*regs, ("train.checkpoint_every", "2"), ("train.log_every", "1")]
+    tv.main(config(photos, tmp_path / "ref", *common, ("train.max_steps", "4")))
+    reset_accelerate()
+    tv.main(config(photos, tmp_path / "run", *common, ("train.max_steps", "2")))
+    reset_accelerate()
+    tv.main(config(photos, tmp_path / "run", *common, ("train.max_steps", "4"), ("train.resume", "latest")))
+    for name in ("model", "model_1", "ema"):  # autoencoder, discriminator, EMA: same draws after the resume
+        ref = load_file(str(tmp_path / "ref" / "checkpoint-0000004" / f"{name}.safetensors"))
+        got = load_file(str(tmp_path / "run" / "checkpoint-0000004" / f"{name}.safetensors"))
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), name
+    set_seed(0)  # the trainer's initial weights (train.seed 0)
+    start = AutoencoderKL.from_pretrained("tiny").state_dict()
+    final = load_file(str(tmp_path / "ref" / "checkpoint-0000004" / "model.safetensors"))
+    frozen = [k for k in final if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(final[k], start[k]) for k in frozen)  # decoder_only: same latent space
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("decoder."))
+    logs = [r for r in read_metrics(tmp_path / "ref") if "train/rec" in r]
+    assert len(logs) == 4 and all("train/scale_eq" in r and "train/eq_applied" in r for r in logs)
+
+
+def test_regularized_two_process_run_keeps_identical_weights(photos, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = {
+        **REGULARIZED,
+        "data.train_dir": photos,
+        "train.output_dir": tmp_path / "run",
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "data.num_val": 0,
+        "loss.disc_channels": 8,
+        "train.tensorboard": "false",
+        "train.val_every": 0,
+        "train.max_steps": 3,
+    }
+    args = ["--config", str(TINY), *(f"--{k}={v}" for k, v in settings.items())]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = subprocess.run(
+        [*launcher, "--main_process_port", str(port), str(ROOT / "scripts" / "train_vae.py"), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world_size=2 distributed_type=MULTI_CPU" in out.stdout
     digests = dict(re.findall(r"\[rank (\d)/2\] weights sha256 (.*)", out.stdout))
     assert sorted(digests) == ["0", "1"] and digests["0"] == digests["1"], out.stdout

@@ -6,8 +6,10 @@
 (or ``python -m ldm_vae.training.train_vae ...``). The objective is Latent Diffusion's (Rombach et al., 2022,
 App. G) and taming's (Esser et al., 2021, Sec. 3.1): reconstruction (+ LPIPS) + the bottleneck's regularizer
 (KL or codebook) + an adaptively weighted PatchGAN loss from ``loss.disc_start`` on (:mod:`ldm_vae.losses`).
-The loop, checkpoints and launch handling are the shared runner's (:mod:`ldm_vae.training.runner`); this module
-is the objective: its configs, networks, one loss step, validation and export. ``main(cfg)`` is importable.
+Optional latent regularizers (EQ-VAE, scale equivariance, latent noise; :mod:`ldm_vae.latent_regularizers`),
+each its own config section, are off by default. The loop, checkpoints and launch handling are the shared
+runner's (:mod:`ldm_vae.training.runner`); this module is the objective: its configs, networks, one loss step,
+validation and export. ``main(cfg)`` is importable.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigKeyError
 from ..images import ImageError
 from ..interface import Autoencoder
+from ..latent_regularizers import (
+    EQVAEConfig,
+    LatentNoiseConfig,
+    LatentPlan,
+    LatentRegularizers,
+    ScaleEquivarianceConfig,
+)
 from ..losses import AutoencoderLoss, LossConfig, MissingWeightsError, build_discriminator
 from ..metrics import psnr, ssim
 from .config import RUN_ALIASES, ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
@@ -56,6 +65,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eq_vae: EQVAEConfig = field(default_factory=EQVAEConfig)  # EQ-VAE (Kouzelis et al., 2025); off
+    scale_equivariance: ScaleEquivarianceConfig = field(  # Skorokhodov et al., 2025; off
+        default_factory=ScaleEquivarianceConfig
+    )
+    latent_noise: LatentNoiseConfig = field(default_factory=LatentNoiseConfig)  # noisy decoder inputs; off
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -101,6 +115,36 @@ def validate(
     return metrics, make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=2, pad_value=1.0)
 
 
+def build_latent_regularizers(cfg: Config, model: Autoencoder, min_image: int) -> LatentRegularizers:
+    """The run's latent regularizers, checked against the model's factor and the crop size.
+
+    Raises:
+        ConfigError: a crop or scale the latent transforms cannot map exactly, in one line.
+    """
+    regs = LatentRegularizers(
+        cfg.eq_vae,
+        cfg.scale_equivariance,
+        cfg.latent_noise,
+        model.config.downsample_factor,
+        model.config.scaling_factor,
+    )
+    try:
+        regs.check(cfg.data.resolution, min_image)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return regs
+
+
+def regularized_views(
+    plan: LatentPlan | None, x: Tensor, recon: Tensor | tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(target, reconstruction, extra targets, extra reconstructions) of a forward run with ``plan``."""
+    if plan is None:
+        return x, recon, (), ()  # type: ignore[return-value]
+    (target, *targets), (main, *recons) = plan.targets(x), recon
+    return target, main, tuple(targets), tuple(recons)
+
+
 def load_images(cfg: DataConfig, world: int) -> tuple[ImageFolderDataset, list[Path]]:
     """(training set, validation files), with one-line errors for a folder too small for the split or batch."""
     if not cfg.train_dir:
@@ -140,6 +184,8 @@ class VAEObjective:
             raise ConfigError(
                 f"data.resolution {cfg.data.resolution} is below the discriminator's {self.disc.min_size} px"
             )
+        min_image = self.disc.min_size if self.use_gan else 1
+        self.latent_regs = build_latent_regularizers(cfg, self.autoencoder, min_image)
         dataset, val_files = load_images(cfg.data, world)
         if dataset.skipped:
             path, reason = dataset.skipped[0]
@@ -176,7 +222,12 @@ class VAEObjective:
     def loss(self, x: Tensor, generator: torch.Generator, step: int) -> StepOutput:
         """Generator loss through the (DDP-)wrapped model, then the discriminator's loss on detached inputs."""
         gan_on = self.gan_on(step)
-        recon, reg = self.wrapped(x, sample_posterior=True, generator=generator)  # a posterior sample
+        # The latent regularizers' views (None when all are off) are decoded in the same wrapped forward.
+        f = self.model.config.downsample_factor
+        plan = self.latent_regs.draw(generator, (x.shape[-2] // f, x.shape[-1] // f))
+        recon, reg = self.wrapped(x, latent_transform=plan, sample_posterior=True, generator=generator)
+        # With EQ-VAE on this step, the target is tau(x) and the reconstruction D(tau(z)).
+        target, recon, se_targets, se_recons = regularized_views(plan, x, recon)
         with self.accelerator.autocast():
             # The discriminator is called unwrapped with requires_grad off: gradients reach the reconstruction
             # but never its weights, so its accumulated gradients stay its own and no all-reduce is wasted on
@@ -184,12 +235,23 @@ class VAEObjective:
             self.disc.requires_grad_(False)
             logits_fake = self.disc(recon) if gan_on else None
             g_loss, logs = self.loss_fn.generator_loss(
-                x, recon, reg, logits_fake, self.model.last_layer, step
+                target, recon, reg, logits_fake, self.model.last_layer, step
             )
             self.disc.requires_grad_(True)
+            if se_recons:  # scale equivariance's downscaled views
+                term, se_logs = self.latent_regs.scale_loss(
+                    self.loss_fn, se_targets, se_recons, reg, x.shape[-2] * x.shape[-1]
+                )
+                g_loss = g_loss + term
+                logs.update(se_logs, total=g_loss.detach().float())
+            if plan is not None and self.latent_regs.eq.enabled:
+                logs["eq_applied"] = torch.tensor(float(plan.eq_applied))
             d_loss = None
             if gan_on:  # nothing reaches the autoencoder from here
-                logits_real, logits_fake = self.wrapped_disc(x.detach()), self.wrapped_disc(recon.detach())
+                logits_real, logits_fake = (
+                    self.wrapped_disc(target.detach()),
+                    self.wrapped_disc(recon.detach()),
+                )
                 d_loss, d_logs = self.loss_fn.discriminator_loss(logits_real, logits_fake, step)
                 logs.update(d_logs)
         return StepOutput((g_loss, d_loss), logs)

@@ -3,7 +3,9 @@
 Per image and model: PSNR and SSIM of the 8-bit reconstruction (Wang et al., 2004, for SSIM), LPIPS (Zhang et
 al., 2018) where its backbone weights are present, and the colour drift of k repeated encode/decode round trips
 (each round trip saved as 8-bit, as img2img and inpainting users chain them). Per model: whether an fp16 decode
-stays finite, time per megapixel and peak memory on the current device. Published numbers (e.g. SD-VAE ft-MSE on
+stays finite, time per megapixel and peak memory on the current device. With ``equivariance``, the latent
+regularizers' metric too (:func:`ldm_vae.latent_regularizers.equivariance_psnr`: decode(tau(z)) against tau(x)
+for flips, rotations and 2x/4x downscales). Published numbers (e.g. SD-VAE ft-MSE on
 COCO-2017 val at 256 px) are only comparable under one protocol, so the protocol is part of every output.
 """
 
@@ -25,6 +27,7 @@ from torch import Tensor
 from ..images import center_crop, load_image, pad_to_multiple, resize_short_side, round_to_8bit, save_image
 from ..interface import Autoencoder
 from ..io import atomic_path, write_json
+from ..latent_regularizers import EQUIVARIANCE_GROUPS, equivariance_psnr
 from ..metrics import psnr, ssim
 from .base import WorkflowError, progress
 from .models import load_model
@@ -142,6 +145,7 @@ def evaluate_model(
     device: torch.device,
     perceptual: Any,
     fp16: bool,
+    equivariance: bool = False,
 ) -> tuple[dict[str, Any], list[Tensor]]:
     """(results of one model on the prepared images ``originals``, its 8-bit first reconstructions)."""
     memory = PeakMemory(device)
@@ -165,6 +169,9 @@ def evaluate_model(
                 if k in protocol.rounds:
                     trips[k] = drift(x, current)
             row["drift"] = {str(k): trips[k] for k in protocol.rounds}
+            if equivariance:  # untimed; on the padded image the latents come from
+                padded = pad_to_multiple(x, vae.config.downsample_factor)[None].to(vae.device)
+                row["equivariance"] = {k: v.item() for k, v in equivariance_psnr(vae, padded, z).items()}
             rows.append(row)
             recons.append(first)
         peak = memory.peak()
@@ -193,6 +200,11 @@ def _means(rows: list[dict], protocol: Protocol) -> dict[str, Any]:
         mean[f"drift_psnr_{k}"] = avg([r["drift"][k]["psnr"] for r in rows])
         shifts = [r["drift"][k]["color_shift"] for r in rows]
         mean[f"color_shift_{k}"] = [avg([s[c] for s in shifts]) for c in range(3)]
+    if rows and "equivariance" in rows[0]:
+        for group, names in EQUIVARIANCE_GROUPS.items():  # avg skips inf: a transform a model maps exactly
+            mean[f"equivariance_{group}"] = avg(
+                [r["equivariance"][n] for r in rows for n in names if n in r["equivariance"]]
+            )
     return mean
 
 
@@ -204,18 +216,33 @@ def format_results(results: dict[str, Any]) -> str:
     k = str(results["protocol"]["rounds"][-1])
     head = f"{'model':<24} {'PSNR':>7} {'SSIM':>6} {'LPIPS':>6} {f'PSNR@{k}':>8} {f'shift@{k} (R,G,B)':>20} "
     head += f"{'fp16':>5} {'s/MP':>7} {'peak GB':>8}"
+    groups = [
+        g
+        for g in EQUIVARIANCE_GROUPS
+        if any(f"equivariance_{g}" in r["mean"] for r in results["models"].values())
+    ]
+    head += "".join(f" {'EQ-' + g:>8}" for g in groups)
     lines = [f"protocol: {results['protocol']['description']}", f"LPIPS: {results['lpips']}", head]
     for name, r in results["models"].items():
         m = r["mean"]
+        eq = "".join(f" {_maybe(m.get(f'equivariance_{g}')):>8}" for g in groups)
         lp = f"{m['lpips']:.4f}" if m["lpips"] is not None else "n/a"
         shift = ",".join(f"{v:+.2f}" for v in m[f"color_shift_{k}"])
         fp16 = {True: "yes", False: "NO", None: "-"}[r["fp16_finite"]]
         peak = f"{r['peak_memory_bytes'] / 1e9:.2f}" if r["peak_memory_bytes"] else "-"
         lines.append(
             f"{name[-24:]:<24} {m['psnr']:>7.2f} {m['ssim']:>6.4f} {lp:>6} {m[f'drift_psnr_{k}']:>8.2f} "
-            f"{shift:>20} {fp16:>5} {r['seconds_per_megapixel']:>7.2f} {peak:>8}"
+            f"{shift:>20} {fp16:>5} {r['seconds_per_megapixel']:>7.2f} {peak:>8}{eq}"
+        )
+    if groups:
+        lines.append(
+            "EQ-d4 / EQ-scale: mean PSNR (dB) of decode(tau(z)) against tau(x), flips+rotations / 2x,4x"
         )
     return "\n".join(lines)
+
+
+def _maybe(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _crop(x: Tensor, size: int = 192) -> Tensor:
@@ -270,6 +297,7 @@ def evaluate(
     protocol: Protocol,
     device: torch.device,
     fp16: bool,
+    equivariance: bool = False,
 ) -> dict[str, Any]:
     """Runs every model on ``files``; writes ``results.json``, ``report.html`` and crops into ``out``."""
     if not files:
@@ -287,7 +315,7 @@ def evaluate(
     names, recons = [p.name for p in files], {}
     for src in models:
         results["models"][src], recons[src] = evaluate_model(
-            src, names, originals, protocol, device, perceptual, fp16
+            src, names, originals, protocol, device, perceptual, fp16, equivariance
         )
     write_json(results, out / "results.json")
     write_report(out, files, protocol, originals, recons, format_results(results))
