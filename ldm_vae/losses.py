@@ -59,6 +59,9 @@ class LossConfig:
     disc_channels: int = 64  # channels of the discriminator's first layer
     adaptive_weight: bool = True  # Esser et al. eq. 7 gradient-norm balancing; False uses disc_weight alone
     adaptive_weight_max: float = 1e4  # clamp of the adaptive ratio (taming/LDM: 1e4)
+    # True: LDM's/taming's Lightning order. The discriminator's step runs the autoencoder again (a new posterior
+    # sample) after the autoencoder has stepped. False: both losses from one forward, half the autoencoder compute.
+    disc_second_pass: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (

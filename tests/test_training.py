@@ -394,6 +394,8 @@ def test_example_configs_load_with_their_recipes():
         True,
     )
     assert (kl.train.grad_accum, kl.data.batch_size) == (2, 12)  # LDM: accumulate_grad_batches 2, batch 12
+    # LDM's Lightning loop runs the autoencoder again for the discriminator; the fine-tune recipes do not.
+    assert [c.loss.disc_second_pass for c in configs.values()] == [False, False, False, True, True]
     vq = configs["vq_f8_scratch.toml"]
     assert vq.model.kind == "vq" and vq.model.overrides == {
         "legacy": True

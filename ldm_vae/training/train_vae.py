@@ -15,6 +15,7 @@ validation and export. ``main(cfg)`` is importable.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from ..metrics import psnr, ssim
 from .config import RUN_ALIASES, ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
 from .data import ImageFolderDataset, epoch_loader, list_images, load_validation_images, validation_files
 from .ema import ModelEMA
-from .loop import NonFiniteLossError
+from .loop import NonFiniteLossError, nonfinite_anywhere
 from .optim import build_optimizer, build_scheduler, learning_rates
 from .runner import StepOutput, check_enough_data, run_training
 
@@ -205,6 +206,12 @@ class VAEObjective:
         self.schedulers = [
             build_scheduler(o, cfg.optim, cfg.train.max_steps) for o in (self.opt_ae, self.opt_d)
         ]
+        # disc_second_pass: this window's micro-batches (input, latent plan, step generator), re-run for the
+        # discriminator after the autoencoder's step; their logs join the next micro-step's. A skipped window's
+        # entries fall out of the deque as the next window's come in.
+        self.second_pass = self.use_gan and cfg.loss.disc_second_pass
+        self.disc_batches: deque = deque(maxlen=cfg.train.grad_accum)
+        self.pending_logs: dict[str, Tensor] = {}
 
     def prepare(self, accelerator: Accelerator) -> list[nn.Module]:
         self.accelerator = accelerator
@@ -220,7 +227,8 @@ class VAEObjective:
         return self.use_gan and self.loss_fn.disc_factor_at(step) > 0
 
     def loss(self, x: Tensor, generator: torch.Generator, step: int) -> StepOutput:
-        """Generator loss through the (DDP-)wrapped model, then the discriminator's loss on detached inputs."""
+        """Generator loss through the (DDP-)wrapped model, then the discriminator's loss on detached inputs (or,
+        with ``disc_second_pass``, after the autoencoder's step: :meth:`second_pass_loss`)."""
         gan_on = self.gan_on(step)
         # The latent regularizers' views (None when all are off) are decoded in the same wrapped forward.
         f = self.model.config.downsample_factor
@@ -247,7 +255,11 @@ class VAEObjective:
             if plan is not None and self.latent_regs.eq.enabled:
                 logs["eq_applied"] = torch.tensor(float(plan.eq_applied))
             d_loss = None
-            if gan_on:  # nothing reaches the autoencoder from here
+            logs.update(self.pending_logs)
+            self.pending_logs = {}
+            if gan_on and self.second_pass:  # the discriminator's loss comes after the autoencoder's step
+                self.disc_batches.append((x, plan, generator))
+            elif gan_on:  # nothing reaches the autoencoder from here
                 logits_real, logits_fake = (
                     self.wrapped_disc(target.detach()),
                     self.wrapped_disc(recon.detach()),
@@ -256,24 +268,49 @@ class VAEObjective:
                 logs.update(d_logs)
         return StepOutput((g_loss, d_loss), logs)
 
+    def second_pass_loss(self, x: Tensor, plan: Any, generator: torch.Generator, step: int) -> Tensor:
+        """LDM's discriminator step: the (just updated) autoencoder again, a new posterior sample, no gradient."""
+        with self.accelerator.autocast():  # the unwrapped model: Accelerate's autocast is on the wrapper only
+            with torch.no_grad():
+                recon, _ = self.model(x, latent_transform=plan, sample_posterior=True, generator=generator)
+            target, recon, _, _ = regularized_views(plan, x, recon)
+            logits_real, logits_fake = self.wrapped_disc(target), self.wrapped_disc(recon)
+            d_loss, logs = self.loss_fn.discriminator_loss(logits_real, logits_fake, step)
+        self.pending_logs = {k: v.detach() for k, v in logs.items()}
+        return d_loss
+
     def apply_gradients(self, step: int) -> None:
         # The log-variance lives outside DDP: average its gradient or the ranks diverge.
         for p in self.loss_fn.trainable_parameters():
             if p.grad is not None:
                 p.grad = self.accelerator.reduce(p.grad, "mean")
-        optimizers = [self.opt_ae, self.opt_d] if self.gan_on(step) else [self.opt_ae]
         scaler = self.accelerator.scaler
-        if scaler is None:
-            for optimizer in optimizers:
-                optimizer.step()
-            return
-        # fp16: one GradScaler scaled both losses. Accelerate's optimizer wrapper updates the scale after each
+        # fp16: one GradScaler scales both losses. Accelerate's optimizer wrapper updates the scale after each
         # optimizer's step, so the discriminator would unscale its gradients with a scale the autoencoder's step
         # had just changed. Step both with the scale they were computed with, then update once (PyTorch AMP's
         # recipe for several optimizers).
-        for optimizer in optimizers:
-            scaler.step(getattr(optimizer, "optimizer", optimizer))
-        scaler.update()
+        for optimizer in [self.opt_ae, self.opt_d] if self.gan_on(step) else [self.opt_ae]:
+            if optimizer is self.opt_d and self.second_pass and not self.second_pass_backward(step):
+                continue
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(getattr(optimizer, "optimizer", optimizer))
+        if scaler is not None:
+            scaler.update()
+
+    def second_pass_backward(self, step: int) -> bool:
+        """Backpropagates this window's discriminator losses after the autoencoder's step; False (and no
+        discriminator step) when one is non-finite on any rank."""
+        entries = list(self.disc_batches)
+        self.disc_batches.clear()
+        for entry in entries:
+            d_loss = self.second_pass_loss(*entry, step)
+            if nonfinite_anywhere(self.accelerator, d_loss):
+                self.opt_d.zero_grad(set_to_none=True)
+                return False
+            self.accelerator.backward(d_loss)  # divided by grad_accum, as the runner's backward is
+        return bool(entries)
 
     def validate(self, ema: ModelEMA | None) -> tuple[dict, Tensor] | None:
         if not len(self.val_images):
