@@ -19,7 +19,7 @@ from .distributions import DiagonalGaussian
 from .interface import LatentTransform, decode_views
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
-from .tiling import tiled_forward
+from .tiling import MaxMemory, tiled_forward
 
 
 class AutoencoderKL(PretrainedMixin, nn.Module):
@@ -42,7 +42,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     # ------------------------------------------------------------------------------------- model
 
     def encode(
-        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+        self, x: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None
     ) -> DiagonalGaussian:
         """Images (B, C, H, W) in [-1, 1], any float dtype -> posterior over (B, latent_channels, H/f, W/f).
 
@@ -55,7 +55,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return self._encode(x, tile_size, max_memory)
 
     def _encode(
-        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+        self, x: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None
     ) -> DiagonalGaussian:
         # encode without the NaN/Inf check (a host sync): the training forward's path.
         x = self._to_model(x)
@@ -63,7 +63,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         moments = self.quant_conv(h) if self.quant_conv is not None else h
         return DiagonalGaussian(moments.float())
 
-    def decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def decode(self, z: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None) -> Tensor:
         """Raw latents (B, latent_channels, h, w) -> images (B, C, h*f, w*f), float32.
 
         In fp16 a decode that overflows is redone once in fp32 (and the model stays fp32), as diffusers'
@@ -85,21 +85,21 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         sample: bool = False,
         generator: torch.Generator | None = None,
         tile_size: int | None = None,
-        max_memory: int | None = None,
+        max_memory: MaxMemory = None,
     ) -> Tensor:
         """Images -> raw latents (B, latent_channels, H/f, W/f): a posterior sample, or its mode."""
         posterior = self.encode(x, tile_size, max_memory)
         return posterior.sample(generator) if sample else posterior.mode()
 
     def encode_moments(
-        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+        self, x: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None
     ) -> tuple[Tensor, Tensor]:
         """(E[z], E[z^2]) per element of the posterior samples ``encode_latents(x, sample=True)`` draws:
         (mean, mean^2 + var), for latent statistics in closed form."""
         posterior = self.encode(x, tile_size, max_memory)
         return posterior.mean, posterior.mean.square() + posterior.var
 
-    def _decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def _decode(self, z: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None) -> Tensor:
         # decode without the NaN/Inf check and the fp16 retry (host syncs): the training forward's path.
         z = self._to_model(z)
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z

@@ -61,18 +61,20 @@ class Autoencoder(Protocol):
         sample: bool = False,
         generator: torch.Generator | None = None,
         tile_size: int | None = None,
-        max_memory: int | None = None,
+        max_memory: int | Literal["auto"] | None = None,
     ) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> the raw latents ``decode`` takes (B, decode_channels, H/f, W/f)."""
         ...
 
     def encode_moments(
-        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+        self, x: Tensor, tile_size: int | None = None, max_memory: int | Literal["auto"] | None = None
     ) -> tuple[Tensor, Tensor]:
         """(E[z], E[z^2]) per element of the latents ``encode_latents(x, sample=True)`` draws."""
         ...
 
-    def decode(self, z: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def decode(
+        self, z: Tensor, tile_size: int | None = None, max_memory: int | Literal["auto"] | None = None
+    ) -> Tensor:
         """Raw latents -> images (B, C, H, W), float32."""
         ...
 

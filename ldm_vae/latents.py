@@ -50,6 +50,7 @@ from .checkpoint import CheckpointError, read_state_dict
 from .images import center_crop, load_image, resize_short_side
 from .io import write_json, write_safetensors
 from .seeds import mix_seed
+from .tiling import MaxMemory
 
 MANIFEST_NAME = "latents.json"
 FORMAT = "ldm-vae-latents/2"  # 2: image content hashes, dtype, layout and tiling in the fingerprint
@@ -109,7 +110,7 @@ def cache_settings(
     views: int = 1,
     seed: int = 0,
     tile_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: MaxMemory = None,
 ) -> dict[str, Any]:
     """Everything besides the images that a cache's latents depend on, as JSON values."""
     weights = safetensors_bytes({k: v.float().contiguous() for k, v in vae.state_dict().items()})
@@ -292,7 +293,7 @@ def cache_latents(
     shard_size: int = 1000,
     model_name: str = "",
     tile_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: MaxMemory = None,
     views: int = 1,
     seed: int = 0,
     progress: bool = True,

@@ -27,7 +27,7 @@ from .config import VQ_PRESETS, VQConfig
 from .interface import LatentTransform, decode_views
 from .modules import Decoder, Encoder
 from .pretrained import PretrainedMixin
-from .tiling import tiled_forward
+from .tiling import MaxMemory, tiled_forward
 
 
 @dataclass
@@ -266,12 +266,12 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.latent_channels, 1)
         self.decoder = Decoder(config.latent_channels, config.out_channels, config)
 
-    def encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def encode(self, x: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> pre-quantization latents (B, embed_dim, H/f, W/f), float32."""
         check_input(x, self.config.in_channels, "images")
         return self._encode(x, tile_size, max_memory)
 
-    def _encode(self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def _encode(self, x: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None) -> Tensor:
         # encode without the NaN/Inf check (a host sync): the training forward's path.
         h = tiled_forward(self.encoder, self._to_model(x), tile_size, 1, max_memory)
         return self.quant_conv(h).float()
@@ -280,12 +280,12 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         """Latents -> (codebook vectors with straight-through gradient, VQInfo)."""
         return self.quantize(h)
 
-    def decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None) -> Tensor:
         """Quantized latents (B, embed_dim, h, w) -> images (B, C, h*f, w*f), float32."""
         check_input(z_q, self.config.embed_dim, "latents")
         return self._decode(z_q, tile_size, max_memory)
 
-    def _decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    def _decode(self, z_q: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None) -> Tensor:
         # decode without the NaN/Inf check (a host sync): the training forward's path.
         z = self.post_quant_conv(self._to_model(z_q))
         return tiled_forward(self.decoder, z, tile_size, self.config.downsample_factor, max_memory).float()
@@ -296,7 +296,7 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         sample: bool = False,
         generator: torch.Generator | None = None,
         tile_size: int | None = None,
-        max_memory: int | None = None,
+        max_memory: MaxMemory = None,
     ) -> Tensor:
         """Images -> quantized latents (B, embed_dim, H/f, W/f), what ``decode`` takes: exactly the codebook
         vectors of the nearest codes (``forward``'s straight-through sum z + (e - z) rounds them), whatever the
@@ -305,14 +305,14 @@ class VQAutoencoder(PretrainedMixin, nn.Module):
         return self.quantize.embed(self.quantize.nearest(self.encode(x, tile_size, max_memory)))
 
     def encode_moments(
-        self, x: Tensor, tile_size: int | None = None, max_memory: int | None = None
+        self, x: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None
     ) -> tuple[Tensor, Tensor]:
         """(E[z], E[z^2]) per element of ``encode_latents(x)``: quantization is deterministic, so (z_q, z_q^2)."""
         z_q = self.encode_latents(x, tile_size=tile_size, max_memory=max_memory)
         return z_q, z_q.square()
 
     def decode_indices(
-        self, indices: Tensor, tile_size: int | None = None, max_memory: int | None = None
+        self, indices: Tensor, tile_size: int | None = None, max_memory: MaxMemory = None
     ) -> Tensor:
         """Code indices (B, h, w), as ``forward`` reports them (positions in ``used`` under a remap) -> images.
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from ..images import crop_to, padded_size, save_image
 from ..interface import Autoencoder
 from ..io import write_safetensors
+from ..tiling import MaxMemory
 from ..vq import VQAutoencoder
 from .base import (
     WorkflowError,
@@ -124,7 +125,7 @@ def encode_to_file(
     sample: bool = False,
     seed: int = 0,
     tile_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: MaxMemory = None,
     indices: bool = False,
 ) -> LatentsFile:
     """Encodes images of any sizes into a latents file at ``out`` (see the module docstring); returns it.
@@ -324,7 +325,7 @@ def file_scaling(vae: Autoencoder, metadata: dict[str, str], path: Path) -> tupl
 
 
 def _decoder(
-    vae: Autoencoder, file: LatentsFile, model_name: str, tile_size: int | None, max_memory: int | None
+    vae: Autoencoder, file: LatentsFile, model_name: str, tile_size: int | None, max_memory: MaxMemory
 ) -> Callable[[Tensor], Tensor]:
     """Checks that ``file`` fits the model; returns batch of stacked items (CPU) -> images (B, 3, H, W)."""
     src, written_by = file.path, file.metadata.get("model", "an unnamed model")
@@ -364,7 +365,7 @@ def decode_to_folder(
     model_name: str,
     batch_size: int = 4,
     tile_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: MaxMemory = None,
 ) -> list[Path]:
     """Decodes every image of ``file`` to ``out_dir/<source stem>.png``, cropped to its original size; returns
     the files. Checks that the file fits the model before writing anything."""

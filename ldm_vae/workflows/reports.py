@@ -12,6 +12,7 @@ from ..images import crop_to, padded_size, round_to_8bit, save_image
 from ..interface import Autoencoder
 from ..io import write_json
 from ..metrics import bicubic_baseline, psnr, ssim
+from ..tiling import MaxMemory
 from .base import batches, image_sizes, load_batch, progress
 
 METRIC_KEYS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
@@ -23,7 +24,7 @@ def reconstruct_images(
     outputs: Sequence[Path],
     batch_size: int,
     tile_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: MaxMemory = None,
 ) -> list[dict]:
     """Encodes and decodes each image, writes the 8-bit reconstruction, and scores it (PSNR/SSIM, and the
     bicubic x f down/up baseline) as written to disk; returns one row per image."""
