@@ -9,7 +9,7 @@ Accuracy is against the fp32 untiled decode/encode (ldm_vae and diffusers agree 
 
     python scripts/benchmark.py [--sizes 256 512 1024] [--tiled-sizes 2048] [--rounds 3] [--json bench.json]
 
-OpenVINO is optional (``pip install openvino``); without it its case is skipped with a note.
+OpenVINO is optional (``pip install -e ".[benchmark]"`` or ``pip install openvino``); without it its case is skipped with a note.
 """
 
 from __future__ import annotations
