@@ -262,6 +262,8 @@ class Unit:
     convs: int = 0
     is_global: bool = False
     norms: tuple[GroupNorm, ...] = ()  # GroupNorms inside fn, in execution order
+    # Output channels where fn is not a module whose convolutions tell them (the heads); None: the last conv's.
+    out_channels: int | None = None
 
     @classmethod
     def of(cls, module: nn.Module, **kwargs) -> Unit:
@@ -336,7 +338,7 @@ class Encoder(_Sequential):
         for block in self.down_blocks:
             units += _level_units(block)
             units += [Unit.of(d, scale=0.5, convs=1) for d in block.downsamplers]  # halves H, W
-        head = Unit(self._head, convs=1, norms=(self.conv_norm_out,))
+        head = Unit(self._head, convs=1, norms=(self.conv_norm_out,), out_channels=self.conv_out.out_channels)
         return [*units, *_mid_units(self.mid_block), head]
 
 
@@ -371,4 +373,5 @@ class Decoder(_Sequential):
         for block in self.up_blocks:
             units += _level_units(block)
             units += [Unit.of(u, scale=2.0, convs=1) for u in block.upsamplers]  # doubles H, W
-        return [*units, Unit(self._head, convs=1, norms=(self.conv_norm_out,))]
+        head = Unit(self._head, convs=1, norms=(self.conv_norm_out,), out_channels=self.conv_out.out_channels)
+        return [*units, head]
