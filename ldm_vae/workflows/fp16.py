@@ -34,7 +34,7 @@ class FP16Report:
     maxima: dict[
         str, float
     ]  # block name -> largest |activation| in fp32 over all images (encoder.*, decoder.*)
-    fp16_maxima: dict[str, float]  # the same blocks run in fp16 (inf where they overflowed)
+    fp16_maxima: dict[str, float]  # the same blocks run in fp16 (inf or NaN once they overflowed)
     encode_finite: bool  # every fp16 encode gave finite latents
     decode_finite: bool  # every fp16 decode (of the fp32 latents) gave finite images, with no fp32 fallback
     fp16_psnr: float | None  # mean PSNR (dB) of the fp16 decode against the fp32 one; None if not finite
