@@ -237,10 +237,11 @@ class VAEObjective:
         self.loader = epoch_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
         lr_ae, lr_d = learning_rates(cfg.optim, cfg.data.batch_size, cfg.train.grad_accum, world)
         # The learned log-variance is the loss's, outside the model: it is in the autoencoder's optimizer.
-        ae_params: list = [p for p in self.autoencoder.parameters() if p.requires_grad]
-        if self.fix is not None and cfg.fp16_fix.relative_lr:
-            ae_params = relative_param_groups(self.autoencoder, lr_ae)
-        ae_params += self.loss_fn.trainable_parameters()
+        ae_params: list = [
+            p for p in self.autoencoder.parameters() if p.requires_grad
+        ] + self.loss_fn.trainable_parameters()
+        if self.fix is not None and cfg.fp16_fix.relative_lr:  # one group per tensor, lr x its RMS
+            ae_params = relative_param_groups(self.autoencoder, lr_ae) + self.loss_fn.trainable_parameters()
         self.opt_ae = build_optimizer(ae_params, cfg.optim, lr_ae)
         self.opt_d = build_optimizer(self.disc.parameters(), cfg.optim, lr_d)
         self.schedulers = [
