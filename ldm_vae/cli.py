@@ -108,7 +108,7 @@ def cmd_check_fp16(args: argparse.Namespace) -> int:
     vae = wf.load_model(args.model, "fp32", args.device)
     images = fp16.load_check_images(paths, args.resolution, vae.config.downsample_factor)
     report = fp16.check_fp16(vae, images)
-    print(fp16.format_fp16_report(report, all_blocks=args.all))
+    print(fp16.format_fp16_report(report, top=None if args.all else args.top))
     if args.json:
         fp16.write_fp16_report(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -576,8 +576,12 @@ def add_check_fp16_parser(sub: _Sub, common: Sequence[argparse.ArgumentParser]) 
     )
     p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     p.add_argument(
-        "--all", action="store_true", help="list every block (default: those above 1/4 of the limit)"
+        "--top",
+        type=_positive_int,
+        default=8,
+        help="list the N largest blocks and any overflowing (default 8)",
     )
+    p.add_argument("--all", action="store_true", help="list every block, in network order")
     p.add_argument("--strict", action="store_true", help="exit code 3 when the model is not fp16-safe")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 

@@ -19,7 +19,7 @@ from ldm_vae.activations import FP16_MAX, activation_blocks, activation_penalty,
 from ldm_vae.training import ConfigError, load_config, read_metrics
 from ldm_vae.training import train_vae as tv
 from ldm_vae.training.fp16_fix import FP16FixConfig, relative_param_groups
-from ldm_vae.workflows.fp16 import check_fp16, rescale_attention_values
+from ldm_vae.workflows.fp16 import check_fp16, format_fp16_report, rescale_attention_values
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "scripts" / "configs" / "tiny_cpu.toml"
@@ -109,6 +109,22 @@ def test_the_rescaled_model_is_bit_identical_in_fp32_and_flagged():
     assert flagged.verdict.startswith("NOT fp16-safe") and "decode not finite" in flagged.verdict
     assert bad.dtype == torch.float32  # the checked model is left as it was
     json.dumps(flagged.to_json())  # infinities and NaNs are written as strings
+
+
+def test_the_table_lists_the_largest_blocks_and_always_the_overflowing_ones():
+    report = check_fp16(broken(), [images(1)])
+    rows = lambda text: [line.split()[0] for line in text.splitlines()[1:-2]]  # noqa: E731
+    assert rows(format_fp16_report(report, top=1)) == ["decoder.mid_block.attentions.0"]
+    assert len(rows(format_fp16_report(report, top=3))) == 3
+    assert rows(format_fp16_report(report, top=None)) == list(report.maxima)  # every block, in network order
+
+
+@torch.no_grad()
+def test_a_vq_model_is_checked_too(vq_dir):
+    from ldm_vae.autoencoders import load_autoencoder
+
+    report = check_fp16(load_autoencoder(vq_dir), [images(1)])
+    assert report.safe and "decoder.mid_block.attentions.0" in report.maxima
 
 
 # ------------------------------------------------------------------------------------------- penalty

@@ -144,12 +144,20 @@ def check_fp16(model: Autoencoder, images: Sequence[Tensor]) -> FP16Report:
     )
 
 
-def format_fp16_report(report: FP16Report, all_blocks: bool = True) -> str:
-    """A table of the blocks (fp32 max, fp16 max, share of the limit, overflow mark), then the verdict."""
+def format_fp16_report(report: FP16Report, top: int | None = 8) -> str:
+    """A table of the blocks (fp32 max, fp16 max, share of the limit, overflow mark), then the verdict.
+
+    Args:
+        report: what :func:`check_fp16` found.
+        top: list only the ``top`` largest blocks (overflowing ones always); None lists all in network order.
+    """
+    names = list(report.maxima)
+    if top is not None:
+        largest = set(sorted(names, key=lambda n: -report.maxima[n])[:top]) | set(report.overflowing)
+        names = [n for n in names if n in largest]
     lines = [f"{'block':<40} {'fp32 max':>10} {'fp16 max':>10} {'/ 65504':>8}"]
-    for name, v in report.maxima.items():
-        if not all_blocks and v <= report.limit / 4 and name not in report.overflowing:
-            continue
+    for name in names:
+        v = report.maxima[name]
         mark = "  OVERFLOW" if name in report.overflowing else ""
         lines.append(
             f"{name:<40} {v:>10.4g} {report.fp16_maxima[name]:>10.4g} {v / report.limit:>8.3f}{mark}"
