@@ -99,6 +99,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_fp16(args: argparse.Namespace) -> int:
+    from .workflows import fp16
+
+    paths = collect_images(args.inputs)
+    if args.json:
+        wf.check_no_overwrite([Path(args.json)], paths)
+    vae = wf.load_model(args.model, "fp32", args.device)
+    images = fp16.load_check_images(paths, args.resolution, vae.config.downsample_factor)
+    report = fp16.check_fp16(vae, images)
+    print(fp16.format_fp16_report(report, top=None if args.all else args.top))
+    if args.json:
+        fp16.write_fp16_report(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if report.safe or not args.strict else 3
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     vae = load_autoencoder(args.model, dtype="fp32")
     print("\n".join(wf.describe_model(vae, args.model, args.size)))
@@ -332,6 +348,12 @@ EVAL_DETAILS = (
     "negative), next to the same latents' NLL under N(0, I)."
 )
 
+CHECK_FP16_DETAILS = (
+    "Runs the images through the model in fp32 with hooks on every block (resnets, attentions and their "
+    "projections, resamplers, conv_in/conv_out), then through an fp16 copy. A block whose fp32 maximum exceeds "
+    "65504 overflows in fp16. scripts/configs/fp16_fix_demo.toml fine-tunes such a model to be fp16-safe."
+)
+
 # The subparsers action of ``ldm-vae`` (argparse keeps the class private).
 _Sub = argparse._SubParsersAction
 
@@ -539,6 +561,31 @@ def add_ldm_eval_parser(sub: _Sub, common: Sequence[argparse.ArgumentParser]) ->
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
+def add_check_fp16_parser(sub: _Sub, common: Sequence[argparse.ArgumentParser]) -> None:
+    summary = (
+        "is the model fp16-safe? per-block max |activation| in fp32 vs 65504, fp16 encode/decode finiteness"
+    )
+    p = _command(sub, common, cmd_check_fp16, summary, CHECK_FP16_DETAILS)
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
+    p.add_argument("--model", required=True, help="as for the other commands: preset, demo, folder or file")
+    p.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=None,
+        help="center crops of this side (short side resized first); default: whole images, padded",
+    )
+    p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
+    p.add_argument(
+        "--top",
+        type=_positive_int,
+        default=8,
+        help="list the N largest blocks and any overflowing (default 8)",
+    )
+    p.add_argument("--all", action="store_true", help="list every block, in network order")
+    p.add_argument("--strict", action="store_true", help="exit code 3 when the model is not fp16-safe")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
 def add_info_parser(sub: _Sub, common: Sequence[argparse.ArgumentParser]) -> None:
     p = _command(sub, common, cmd_info, "config, parameter counts and latent shape of a model")
     p.add_argument("model", metavar="MODEL")
@@ -557,6 +604,7 @@ SUBCOMMANDS: tuple[tuple[Callable[[_Sub, Sequence[argparse.ArgumentParser]], Non
     (add_demo_parser, False),
     (add_ldm_eval_parser, False),
     (add_eval_parser, False),
+    (add_check_fp16_parser, False),
     (add_info_parser, False),
 )
 

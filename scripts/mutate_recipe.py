@@ -67,8 +67,8 @@ MUTATIONS = [
     (
         "generator gradients reach the discriminator",
         VAE,
-        "            self.disc.requires_grad_(False)\n",
-        "            pass\n",
+        "        self.disc.requires_grad_(False)\n",
+        "        pass\n",
     ),
     (
         "fp16 scale updated after each optimizer (as Accelerate's wrapper does)",

@@ -7,7 +7,8 @@
 App. G) and taming's (Esser et al., 2021, Sec. 3.1): reconstruction (+ LPIPS) + the bottleneck's regularizer
 (KL or codebook) + an adaptively weighted PatchGAN loss from ``loss.disc_start`` on (:mod:`ldm_vae.losses`).
 Optional latent regularizers (EQ-VAE, scale equivariance, latent noise; :mod:`ldm_vae.latent_regularizers`),
-each its own config section, are off by default. The loop, checkpoints and launch handling are the shared
+each its own config section, are off by default, and so is the fp16-fix fine-tune (``[fp16_fix]``,
+:mod:`ldm_vae.training.fp16_fix`). The loop, checkpoints and launch handling are the shared
 runner's (:mod:`ldm_vae.training.runner`); this module is the objective: its configs, networks, one loss step,
 validation and export. ``main(cfg)`` is importable.
 """
@@ -27,6 +28,7 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from ..activations import record_maxima
 from ..autoencoders import AUTOENCODERS
 from ..checkpoint import CheckpointError
 from ..config import ConfigKeyError
@@ -44,6 +46,7 @@ from ..metrics import psnr, ssim
 from .config import RUN_ALIASES, ConfigError, DataConfig, OptimConfig, TrainConfig, parse_command_line
 from .data import ImageFolderDataset, epoch_loader, list_images, load_validation_images, validation_files
 from .ema import ModelEMA
+from .fp16_fix import FP16Fix, FP16FixConfig, relative_param_groups
 from .loop import NonFiniteLossError, nonfinite_anywhere
 from .optim import build_optimizer, build_scheduler, learning_rates
 from .runner import StepOutput, check_enough_data, run_training
@@ -71,6 +74,9 @@ class Config:
         default_factory=ScaleEquivarianceConfig
     )
     latent_noise: LatentNoiseConfig = field(default_factory=LatentNoiseConfig)  # noisy decoder inputs; off
+    fp16_fix: FP16FixConfig = field(
+        default_factory=FP16FixConfig
+    )  # teacher-matched fp16-safety fine-tune; off
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -116,6 +122,20 @@ def validate(
     return metrics, make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=2, pad_value=1.0)
 
 
+@torch.no_grad()
+def activation_metrics(model: nn.Module, images: Tensor, batch: int) -> dict[str, float]:
+    """The largest |activation| of the raw weights on the validation images, and its share of fp16's range."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    with record_maxima(model) as maxima:
+        for x in images.split(batch):
+            model(x, sample_posterior=False)
+    for m, training in modes:
+        m.training = training
+    largest = max(maxima.values())
+    return {"val/max_activation": largest, "val/max_activation_fp16_share": largest / 65504.0}
+
+
 def build_latent_regularizers(cfg: Config, model: Autoencoder, min_image: int) -> LatentRegularizers:
     """The run's latent regularizers, checked against the model's factor and the crop size.
 
@@ -134,6 +154,23 @@ def build_latent_regularizers(cfg: Config, model: Autoencoder, min_image: int) -
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return regs
+
+
+def build_fp16_fix(cfg: Config, model: Autoencoder) -> FP16Fix | None:
+    """The fp16 fix's teacher and loss (None when off), refused in one line where it cannot run.
+
+    Raises:
+        ConfigError: with a latent regularizer (their views have no teacher counterpart) or gradient
+            checkpointing (the penalty's hooks are not in the recomputed forward).
+    """
+    if not cfg.fp16_fix.enabled:
+        return None
+    others = [n for n in ("eq_vae", "scale_equivariance", "latent_noise") if getattr(cfg, n).enabled]
+    if others:
+        raise ConfigError(f"fp16_fix does not combine with {others[0]}: turn one of them off")
+    if cfg.train.gradient_checkpointing:
+        raise ConfigError("fp16_fix does not combine with train.gradient_checkpointing: turn one of them off")
+    return FP16Fix(cfg.fp16_fix, model, encoder_trains=not cfg.model.decoder_only)
 
 
 def regularized_views(
@@ -180,7 +217,10 @@ class VAEObjective:
         self.loss_fn = AutoencoderLoss(cfg.loss).to(device)
         self.autoencoder = build_autoencoder(cfg.model, cfg.train.gradient_checkpointing)
         self.disc = build_discriminator(cfg.loss)
-        self.use_gan = cfg.loss.disc_weight > 0 and cfg.loss.disc_factor > 0
+        self.fix = build_fp16_fix(cfg, self.autoencoder)
+        # The fix without its data loss trains on the teacher's outputs only: no GAN either.
+        data_loss = self.fix is None or cfg.fp16_fix.data_loss
+        self.use_gan = data_loss and cfg.loss.disc_weight > 0 and cfg.loss.disc_factor > 0
         if self.use_gan and cfg.data.resolution < self.disc.min_size:
             raise ConfigError(
                 f"data.resolution {cfg.data.resolution} is below the discriminator's {self.disc.min_size} px"
@@ -198,9 +238,11 @@ class VAEObjective:
         self.loader = epoch_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
         lr_ae, lr_d = learning_rates(cfg.optim, cfg.data.batch_size, cfg.train.grad_accum, world)
         # The learned log-variance is the loss's, outside the model: it is in the autoencoder's optimizer.
-        ae_params = [
+        ae_params: list = [
             p for p in self.autoencoder.parameters() if p.requires_grad
         ] + self.loss_fn.trainable_parameters()
+        if self.fix is not None and cfg.fp16_fix.relative_lr:  # one group per tensor, lr x its RMS
+            ae_params = relative_param_groups(self.autoencoder, lr_ae) + self.loss_fn.trainable_parameters()
         self.opt_ae = build_optimizer(ae_params, cfg.optim, lr_ae)
         self.opt_d = build_optimizer(self.disc.parameters(), cfg.optim, lr_d)
         self.schedulers = [
@@ -221,6 +263,8 @@ class VAEObjective:
         self.optimizers = [self.opt_ae, self.opt_d]
         self.wrapped, self.wrapped_disc = model, disc
         self.model, self.disc = accelerator.unwrap_model(model), accelerator.unwrap_model(disc)
+        if self.fix is not None:
+            self.fix.to(accelerator.device)
         return [model, disc]
 
     def gan_on(self, step: int) -> bool:
@@ -229,6 +273,8 @@ class VAEObjective:
     def loss(self, x: Tensor, generator: torch.Generator, step: int) -> StepOutput:
         """Generator loss through the (DDP-)wrapped model, then the discriminator's loss on detached inputs (or,
         with ``disc_second_pass``, after the autoencoder's step: :meth:`second_pass_loss`)."""
+        if self.fix is not None:
+            return self._fp16_fix_loss(x, generator, step)
         gan_on = self.gan_on(step)
         # The latent regularizers' views (None when all are off) are decoded in the same wrapped forward.
         f = self.model.config.downsample_factor
@@ -237,15 +283,7 @@ class VAEObjective:
         # With EQ-VAE on this step, the target is tau(x) and the reconstruction D(tau(z)).
         target, recon, se_targets, se_recons = regularized_views(plan, x, recon)
         with self.accelerator.autocast():
-            # The discriminator is called unwrapped with requires_grad off: gradients reach the reconstruction
-            # but never its weights, so its accumulated gradients stay its own and no all-reduce is wasted on
-            # them. (Toggling requires_grad on the DDP-wrapped module would break DDP's reducer.)
-            self.disc.requires_grad_(False)
-            logits_fake = self.disc(recon) if gan_on else None
-            g_loss, logs = self.loss_fn.generator_loss(
-                target, recon, reg, logits_fake, self.model.last_layer, step
-            )
-            self.disc.requires_grad_(True)
+            g_loss, logs = self._generator_loss(target, recon, reg, step, gan_on)
             if se_recons:  # scale equivariance's downscaled views
                 term, se_logs = self.latent_regs.scale_loss(
                     self.loss_fn, se_targets, se_recons, reg, x.shape[-2] * x.shape[-1]
@@ -254,19 +292,60 @@ class VAEObjective:
                 logs.update(se_logs, total=g_loss.detach().float())
             if plan is not None and self.latent_regs.eq.enabled:
                 logs["eq_applied"] = torch.tensor(float(plan.eq_applied))
-            d_loss = None
-            logs.update(self.pending_logs)
-            self.pending_logs = {}
-            if gan_on and self.second_pass:  # the discriminator's loss comes after the autoencoder's step
-                self.disc_batches.append((x, plan, generator))
-            elif gan_on:  # nothing reaches the autoencoder from here
-                logits_real, logits_fake = (
-                    self.wrapped_disc(target.detach()),
-                    self.wrapped_disc(recon.detach()),
-                )
-                d_loss, d_logs = self.loss_fn.discriminator_loss(logits_real, logits_fake, step)
-                logs.update(d_logs)
+            d_loss = self._discriminator_loss(target, recon, step, gan_on, logs, (x, plan, generator))
         return StepOutput((g_loss, d_loss), logs)
+
+    def _generator_loss(
+        self, target: Tensor, recon: Tensor, reg: Any, step: int, gan_on: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        # The discriminator is called unwrapped with requires_grad off: gradients reach the reconstruction
+        # but never its weights, so its accumulated gradients stay its own and no all-reduce is wasted on
+        # them. (Toggling requires_grad on the DDP-wrapped module would break DDP's reducer.)
+        self.disc.requires_grad_(False)
+        logits_fake = self.disc(recon) if gan_on else None
+        g_loss, logs = self.loss_fn.generator_loss(
+            target, recon, reg, logits_fake, self.model.last_layer, step
+        )
+        self.disc.requires_grad_(True)
+        return g_loss, logs
+
+    def _discriminator_loss(
+        self,
+        target: Tensor,
+        recon: Tensor,
+        step: int,
+        gan_on: bool,
+        logs: dict[str, Tensor],
+        rerun: tuple[Tensor, Any, torch.Generator],
+    ) -> Tensor | None:
+        logs.update(self.pending_logs)  # the previous step's second pass, if any
+        self.pending_logs = {}
+        if not gan_on:
+            return None
+        if self.second_pass:  # the discriminator's loss comes after the autoencoder's step
+            self.disc_batches.append(rerun)
+            return None
+        # Nothing reaches the autoencoder from here.
+        logits_real, logits_fake = self.wrapped_disc(target.detach()), self.wrapped_disc(recon.detach())
+        d_loss, d_logs = self.loss_fn.discriminator_loss(logits_real, logits_fake, step)
+        logs.update(d_logs)
+        return d_loss
+
+    def _fp16_fix_loss(self, x: Tensor, generator: torch.Generator, step: int) -> StepOutput:
+        """The fp16 fix: match the frozen teacher, penalize large activations (+ the usual objective when
+        ``fp16_fix.data_loss``)."""
+        assert self.fix is not None
+        gan_on = self.gan_on(step)
+        loss, recon, reg, logs = self.fix.step(self.wrapped, self.model, x, generator)
+        d_loss = None
+        with self.accelerator.autocast():
+            if self.cfg.fp16_fix.data_loss:
+                g_loss, g_logs = self._generator_loss(x, recon, reg, step, gan_on)
+                loss = loss + g_loss
+                logs.update(g_logs)
+                d_loss = self._discriminator_loss(x, recon, step, gan_on, logs, (x, None, generator))
+        logs["total"] = loss.detach().float()
+        return StepOutput((loss, d_loss), logs)
 
     def second_pass_loss(self, x: Tensor, plan: Any, generator: torch.Generator, step: int) -> Tensor:
         """LDM's discriminator step: the (just updated) autoencoder again, a new posterior sample, no gradient."""
@@ -316,7 +395,10 @@ class VAEObjective:
         if not len(self.val_images):
             return None
         perceptual = self.loss_fn.perceptual
-        return validate(self.model, ema, self.val_images, self.cfg.data.batch_size, perceptual=perceptual)
+        metrics, grid = validate(self.model, ema, self.val_images, self.cfg.data.batch_size, perceptual)
+        if self.fix is not None:
+            metrics.update(activation_metrics(self.model, self.val_images, self.cfg.data.batch_size))
+        return metrics, grid
 
     def export(self, folder: Path) -> None:
         self.model.save_pretrained(folder)  # autoencoder only: no discriminator, no LPIPS
