@@ -13,11 +13,9 @@ shows as seams and tone shifts. Here the result equals the untiled one up to flo
 The network is a list of units (:class:`ldm_vae.modules.Unit`). Full-size activations ("stores") are kept only
 where they fit the memory budget; between stores, a GroupNorm's statistics are found by a pass over all tiles
 that stops at that norm, so high-resolution stretches are recomputed from the last store instead of stored.
-Where a unit keeps its input's shape (the resnets of one level), its output overwrites its input store band
-by band: a band's input rows are overwritten only once the next band, whose halo reaches into them, has been
-computed. Such a store costs two bands of memory instead of a second full-size tensor, so the largest
-resolutions keep a store after every unit instead of recomputing ever longer stretches for each norm (the
-difference between about 2 and about 8 unit evaluations per unit at 2048 px in 2.5 GB).
+Where to store is planned for the whole run (:meth:`_TiledRun.plan`). A store is kept as row bands
+(:class:`_Bands`), and the pass that makes the next store frees the bands of the previous one that no later
+tile reads, so replacing a store costs the larger of the two plus a few bands, not both.
 
 Each tile's units are called with a normalization provider (:class:`_TileNorms`: the run and that tile's
 geometry) that their GroupNorms call instead of normalizing over the tile. All state lives in the run and its
@@ -117,6 +115,53 @@ class _Span:
     in0: int  # input crop [in0, in1) at the store's resolution
     in1: int
     last: bool  # reaches the end of the image (owns the remainder of every resolution's rows/columns)
+    index: int  # position among the pass's spans along its axis
+
+
+class _Bands:
+    """A full-size activation (B, C, H, W) kept as row bands, so a pass can free what it has read.
+
+    Only the run holds its bands; the caller's input is one band, never written to.
+    """
+
+    def __init__(self, bands: list[Tensor]) -> None:
+        self.bands: list[Tensor | None] = list(bands)
+        self.starts = [0]
+        for b in bands:
+            self.starts.append(self.starts[-1] + b.shape[-2])
+        first = bands[0]
+        self.shape = (*first.shape[:-2], self.starts[-1], first.shape[-1])
+        self.device, self.dtype = first.device, first.dtype
+
+    @classmethod
+    def whole(cls, x: Tensor) -> _Bands:
+        return cls([x])
+
+    def crop(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Rows [r0, r1) and columns [c0, c1): a view inside one band, else the bands' parts joined."""
+        parts = []
+        for i, band in enumerate(self.bands):
+            b0, b1 = self.starts[i], self.starts[i + 1]
+            if b1 <= r0 or b0 >= r1:
+                continue
+            if band is None:
+                raise RuntimeError("exact tiling read a released band")  # a planning bug, never user input
+            parts.append(band[..., max(r0, b0) - b0 : min(r1, b1) - b0, c0:c1])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def release_above(self, row: int) -> None:
+        """Frees every band that ends at or above ``row``."""
+        for i in range(len(self.bands)):
+            if self.starts[i + 1] <= row:
+                self.bands[i] = None
+
+    def dense(self) -> Tensor:
+        """The whole activation as one tensor (the bands joined; the band itself when there is one)."""
+        if len(self.bands) == 1:
+            return self.bands[0]
+        out = torch.cat(self.bands, dim=-2)
+        self.bands, self.starts = [out], [0, self.shape[-2]]
+        return out
 
 
 MaxMemory = int | Literal["auto"] | None
@@ -278,31 +323,30 @@ class _TiledRun:
     # ----------------------------------------------------------------------------------------- driver
 
     def __call__(self, x: Tensor) -> Tensor:
-        plan = self.plan(x)
-        store, start = x, 0  # store = activation at the input of units[start]
+        stores = self.plan(x)
+        store, start = _Bands.whole(x), 0  # store = activation at the input of units[start]
         for i, unit in enumerate(self.units):
             if unit.is_global:
                 store = self._materialize(store, start, i) if start < i else store
-                store, start = unit(store), i + 1  # all positions at once: the norm's own stats are global
+                # All positions at once: the norm's own statistics are global.
+                store, start = _Bands.whole(unit(store.dense())), i + 1
                 continue
             for norm in unit.norms:
                 self._collect(store, start, i + 1, norm)
-            how = plan.get(i + 1)
-            if how == "in-place":
-                store, start = self._materialize_in_place(store, start, i + 1), i + 1
-            elif how == "new" or i + 1 == len(self.units):
+            if i + 1 in stores:
                 store, start = self._materialize(store, start, i + 1), i + 1
-        return store
+        return store.dense()
 
     # ----------------------------------------------------------------------------------------- schedule
 
-    def plan(self, x: Tensor) -> dict[int, str]:
-        """Where to keep full-size activations: unit index -> "new" or "in-place" (a store of its input).
+    def plan(self, x: Tensor) -> set[int]:
+        """Where to keep full-size activations: the unit indices whose input is a store (the output's too).
 
         A dynamic program over store positions, like an optimal checkpointing schedule: between two stores
-        s < t every norm of units[s:t] costs a pass from s up to it, and t a pass from s to t. A store at t
-        fits when it and the store at s fit the budget together (or, in place, the store at s and three row
-        bands). Attention's input and output are stores whatever the budget, and so is the output.
+        s < t every norm of units[s:t] costs a pass from s up to it (the units' convolution work, with the
+        tiles' halos), and t a pass from s to t. The store at t may follow the one at s when the larger of
+        the two plus two bands of each fits the budget (the pass frees the bands of s behind it). Attention's
+        input and output are stores whatever the budget, and so is the output.
         """
         shapes = [tuple(x.shape)]
         for u in self.units:
@@ -311,17 +355,14 @@ class _TiledRun:
         cost = [_unit_cost(sh, u) for sh, u in zip(shapes[:-1], self.units, strict=True)]
         n = len(self.units)
         forced = {n} | {j for i, u in enumerate(self.units) if u.is_global for j in (i, i + 1)}
-        best: list[tuple[float, int, str]] = [(0.0, -1, "")] + [(math.inf, -1, "")] * n
+        best: list[tuple[float, int]] = [(0.0, -1)] + [(math.inf, -1)] * n
         for t in range(1, n + 1):
             for s in range(t - 1, -1, -1):
                 if self.units[s].is_global:  # a global unit is a segment of its own
                     if s == t - 1:
-                        best[t] = min(best[t], (best[s][0], s, "new"))
+                        best[t] = min(best[t], (best[s][0], s))
                     break
-                if best[s][0] == math.inf:
-                    continue
-                how = self._store_kind(s, t, shapes, size, forced)
-                if how is None:
+                if best[s][0] == math.inf or not (t in forced or self._fits(s, t, shapes, size)):
                     continue
                 total, prefix = best[s][0], 0.0
                 for u in range(s, t):
@@ -331,26 +372,21 @@ class _TiledRun:
                     k = len(self.units[u].norms)
                     total += sum(prefix + c * j / k for j in range(k))  # each norm's collect pass
                     prefix += c
-                best[t] = min(best[t], (total + prefix, s, how))
-        plan, t = {}, n
+                best[t] = min(best[t], (total + prefix, s))
+        stores, t = set(), n
         while t > 0:
-            _, s, how = best[t]
-            plan[t] = how
-            t = s
-        return plan
+            stores.add(t)
+            t = best[t][1]
+        return stores
 
-    def _store_kind(
-        self, s: int, t: int, shapes: list[tuple], size: list[int], forced: set[int]
-    ) -> str | None:
-        """How a store at t can follow one at s: "in-place", "new", or None (over the budget)."""
-        if s > 0 and shapes[s] == shapes[t] and all(u.scale == 1 for u in self.units[s:t]):
-            tile_out, halo = self._geometry(s, t)[3:]
-            band = size[s] // shapes[s][-2] * min(tile_out, shapes[s][-2])
-            if halo <= tile_out and size[s] + 3 * band <= self.store_budget:
-                return "in-place"
-        if t in forced or size[s] + size[t] <= self.store_budget:
-            return "new"
-        return None
+    def _fits(self, s: int, t: int, shapes: list[tuple], size: list[int]) -> bool:
+        """Whether the pass from the store at s to one at t stays within the store budget."""
+        tile_out = self._geometry(s, t)[3]
+        bands = max(1, math.ceil(shapes[t][-2] / tile_out))  # the pass's row bands
+        # Early in the pass all of s is held and little of t, late all of t and the last bands of s; a band of
+        # either side and one of halo are in flight.
+        start, end = size[s] + 2 * size[t] / bands, size[t] + 2 * size[s] / bands
+        return max(start, end) <= self.store_budget
 
     # ----------------------------------------------------------------------------------------- passes
 
@@ -369,42 +405,20 @@ class _TiledRun:
         var = (sq / n - mean * mean).clamp_min(0)
         self.stats[norm] = (mean.float(), torch.rsqrt(var + norm.eps).float())
 
-    def _materialize(self, store: Tensor, start: int, stop: int) -> Tensor:
-        """Runs units[start:stop] over all tiles into a new full-size tensor."""
-        out = None
-        for (ys, xs), y in self._tiles(store, start, stop):
-            if out is None:
-                h, w = (_out_size(n, self.units[start:stop]) for n in store.shape[-2:])
-                out = torch.empty(
-                    y.shape[0], y.shape[1], h, w, dtype=y.dtype, device=y.device, memory_format=_layout(y)
+    def _materialize(self, store: _Bands, start: int, stop: int) -> _Bands:
+        """Runs units[start:stop] over all tiles into a new banded store, freeing ``store``'s bands behind."""
+        out: list[Tensor] = []
+        for (ys, xs), y in self._tiles(store, start, stop, release=True):
+            if len(out) <= ys.index:  # the first tile of a row band
+                w = _out_size(store.shape[-1], self.units[start:stop])
+                rows = ys.out1 - ys.out0
+                out.append(
+                    torch.empty(
+                        *y.shape[:2], rows, w, dtype=y.dtype, device=y.device, memory_format=_layout(y)
+                    )
                 )
-            out[..., ys.out0 : ys.out1, xs.out0 : xs.out1] = y
-        return out
-
-    def _materialize_in_place(self, store: Tensor, start: int, stop: int) -> Tensor:
-        """Runs units[start:stop] (same output shape as input) over all tiles, writing into ``store`` itself.
-
-        Band r's output is held until band r + 1 is done: band r + 1's halo reads band r's input rows (the halo
-        is at most a band, :meth:`_overwritable`), and band r - 1's rows are read by no later band.
-        """
-        pending: list[tuple[_Span, Tensor]] = []  # finished bands not yet written, oldest first
-        band_rows, band = None, None
-        for (ys, xs), y in self._tiles(store, start, stop):
-            if ys is not band_rows:  # a new band starts: the one before the previous is no longer read
-                if band is not None:
-                    pending.append((band_rows, band))
-                if len(pending) == 2:
-                    rows, done = pending.pop(0)
-                    store[..., rows.out0 : rows.out1, :] = done
-                band_rows = ys
-                band = torch.empty(
-                    *y.shape[:2], ys.out1 - ys.out0, store.shape[-1], dtype=y.dtype, device=y.device
-                ).contiguous(memory_format=_layout(store))
-            band[..., xs.out0 : xs.out1] = y
-        pending.append((band_rows, band))
-        for rows, done in pending:
-            store[..., rows.out0 : rows.out1, :] = done
-        return store
+            out[-1][..., xs.out0 : xs.out1] = y
+        return _Bands(out)
 
     def _geometry(self, start: int, stop: int) -> tuple[float, float, float, int, int]:
         """(f_in, f_out, ratio, tile_out, halo) of a pass over units[start:stop]."""
@@ -424,16 +438,19 @@ class _TiledRun:
         tile_out = max(step, (max(1, round(self.tile_size / f_out)) // step) * step)
         return f_in, f_out, ratio, tile_out, halo
 
-    def _tiles(self, store: Tensor, start: int, stop: int):
-        """Yields ((row span, column span), tile output cropped to its own region) for units[start:stop]."""
+    def _tiles(self, store: _Bands, start: int, stop: int, release: bool = False):
+        """Yields ((row span, column span), tile output cropped to its own region) for units[start:stop];
+        with ``release``, frees each band of ``store`` once no later tile reads it."""
         units = self.units[start:stop]
         f_in, f_out, ratio, tile_out, halo = self._geometry(start, stop)
         rows = self._spans(store.shape[-2], units, tile_out, ratio, halo)
         cols = self._spans(store.shape[-1], units, tile_out, ratio, halo)
         for ys in rows:
+            if release:  # rows above this band's crop are read by no later band
+                store.release_above(ys.in0)
             for xs in cols:
                 norms = _TileNorms(self, ys, xs, f_in, f_out)
-                crop = store[..., ys.in0 : ys.in1, xs.in0 : xs.in1]
+                crop = store.crop(ys.in0, ys.in1, xs.in0, xs.in1)
                 try:
                     y = crop
                     for u in units:
@@ -456,7 +473,7 @@ class _TiledRun:
             o1 = min(o0 + tile_out, n_out)
             i0 = max(0, round(o0 * ratio) - halo)
             i1 = n_in if o1 == n_out else min(n_in, round(o1 * ratio) + halo)
-            spans.append(_Span(o0, o1, i0, i1, last=o1 == n_out))
+            spans.append(_Span(o0, o1, i0, i1, last=o1 == n_out, index=len(spans)))
         return spans
 
 

@@ -221,33 +221,45 @@ def test_heap_is_trimmed_only_past_the_slack(monkeypatch):
 
 
 @torch.no_grad()
-def test_in_place_stores_are_exact_and_leave_the_input_alone(monkeypatch):
-    """A budget that keeps one level's store plus a few bands: the same-shape resnets overwrite it in place."""
+def test_banded_stores_free_what_was_read_and_stay_exact(monkeypatch):
+    """A budget that keeps one store and a few bands: each pass frees the previous store's bands behind it."""
     torch.manual_seed(0)
     vae = AutoencoderKL(dataclasses.replace(THREE_LEVELS, layers_per_block=2)).eval()
     z = torch.randn(1, 4, 20, 28)
-    kinds = []
-    real_plan = tiling._TiledRun.plan
+    freed = []
+    real_release = tiling._Bands.release_above
 
-    def plan(self, x):
-        out = real_plan(self, x)
-        kinds.extend(out.values())
-        return out
+    def release_above(self, row):
+        before = sum(b is None for b in self.bands)
+        real_release(self, row)
+        freed.append(sum(b is None for b in self.bands) - before)
 
-    monkeypatch.setattr(tiling._TiledRun, "plan", plan)
+    monkeypatch.setattr(tiling._Bands, "release_above", release_above)
     monkeypatch.setattr(tiling, "DEFAULT_STORE_BUDGET", 60_000)
     z_copy = z.clone()
     check_close(vae.decode(z, tile_size=16), vae.decode(z))
-    assert "in-place" in kinds and torch.equal(z, z_copy)
+    assert sum(freed) > 0 and torch.equal(z, z_copy)
+
+
+def test_bands_crop_across_bands_and_refuse_a_released_one():
+    x = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).reshape(2, 3, 10, 4)
+    bands = tiling._Bands([x[..., :3, :], x[..., 3:7, :], x[..., 7:, :]])
+    assert bands.shape == x.shape
+    assert torch.equal(bands.crop(2, 9, 1, 3), x[..., 2:9, 1:3])
+    assert torch.equal(bands.crop(3, 7, 0, 4), x[..., 3:7, :])
+    bands.release_above(7)  # the first two bands end at or above row 7
+    assert bands.bands[:2] == [None, None] and torch.equal(bands.crop(7, 10, 0, 4), x[..., 7:, :])
+    with pytest.raises(RuntimeError, match="released band"):
+        bands.crop(6, 8, 0, 4)
 
 
 def test_store_schedule_bounds_the_recomputation_of_a_2048_decode():
     """The SD-shaped 2048 decode in 2.5 GB (bf16), on meta tensors: the convolution work of the exact tiled run
-    stays within 3.6x the untiled pass (the greedy store rule it replaced did 6.0x; scripts/benchmark_tiling.py)."""
+    stays within 2x the untiled pass (1.72x; the greedy store rule it replaced did 6.0x; benchmark_tiling.py)."""
     from _scripts import import_script
 
     bench = import_script("benchmark_tiling")
     vae = AutoencoderKL.from_pretrained("sd").to(device="meta", dtype=torch.bfloat16).eval()
     z = torch.zeros(1, 4, 256, 256, device="meta", dtype=torch.bfloat16)
     untiled, tiled = (bench.tiled_flops(vae, "decode", z, m) for m in (None, 2_500_000_000))
-    assert 1.0 < tiled / untiled < 3.6
+    assert 1.0 < tiled / untiled < 2.0
