@@ -320,11 +320,10 @@ class AutoencoderTinyConfig:
         return self.upsampling_scaling_factor ** (len(self.num_decoder_blocks) - 1)
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The ``config.json`` that ``diffusers.AutoencoderTiny`` reads. ``block_out_channels`` is what
-        diffusers registers too: pipelines derive ``vae_scale_factor`` from its length."""
+        """The ``config.json`` that ``diffusers.AutoencoderTiny`` reads. Without ``block_out_channels``: diffusers
+        registers that copy of the decoder widths itself when it builds the model (and warns when a file has it)."""
         cfg = {"_class_name": "AutoencoderTiny", **_lists(dataclasses.asdict(self))}
         cfg["shift_factor"] = self.shift_factor or 0.0
-        cfg["block_out_channels"] = list(self.decoder_block_out_channels)
         return cfg
 
 
