@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .checks import check_input, check_shape
 from .config import AutoencoderTinyConfig, build_model_config
 from .io import write_json, write_safetensors
+from .pretrained import WEIGHTS_DIR
 from .runtime import resolve_dtype
 
 TINY_PRESETS: dict[str, AutoencoderTinyConfig] = {
@@ -39,6 +40,9 @@ TINY_PRESETS: dict[str, AutoencoderTinyConfig] = {
         num_decoder_blocks=(1, 1),
     ),
 }
+
+#: Shipped previews, by name: folders under the weights directory (``weights/``, or ``$LDM_VAE_WEIGHTS``).
+TINY_SHIPPED = {"demo-preview": "demo-preview"}  # distilled from the shipped demo VAE ("demo")
 
 #: The original TAESD files, one per network: (diffusers prefix, original index - diffusers index). The original
 #: decoder starts with a parameter-free Clamp module that diffusers does in ``forward``, so its indices are one
@@ -201,7 +205,7 @@ class AutoencoderTiny(nn.Module):
         device: str | torch.device = "cpu",
         **overrides: Any,
     ) -> AutoencoderTiny:
-        """A preset name (random init), a diffusers ``AutoencoderTiny`` folder (or a pipeline folder whose
+        """A shipped name (``demo-preview``), a preset name (random init), a diffusers ``AutoencoderTiny`` folder (or a pipeline folder whose
         ``vae/`` is one), a single diffusers-named file, or TAESD's own files: a folder holding
         ``*_encoder.pth`` and ``*_decoder.pth`` (or ``.safetensors``).
 
@@ -211,7 +215,13 @@ class AutoencoderTiny(nn.Module):
             ConfigKeyError: an override or config key that AutoencoderTinyConfig does not know.
         """
         name = str(src)
-        if name in cls.presets and not Path(name).exists():
+        if name in TINY_SHIPPED and not Path(name).exists():
+            src = WEIGHTS_DIR / TINY_SHIPPED[name]
+            if not (src / ckpt.CONFIG_NAME).is_file():
+                raise ckpt.CheckpointError(
+                    f"shipped preview {name!r} not found at {src} (set LDM_VAE_WEIGHTS)"
+                )
+        elif name in cls.presets and not Path(name).exists():
             fields = dataclasses.asdict(cls.presets[name])
             return cls(
                 build_model_config(cls.config_class, fields, overrides, f"preset {name!r}")
