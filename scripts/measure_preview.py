@@ -50,12 +50,37 @@ def figure(rows: list[list[torch.Tensor]], crop: int, gap: int = 4) -> Image.Ima
     return Image.fromarray(np.concatenate(tiles, axis=0)[:-gap])
 
 
+def pipeline_samples(pipeline: str, preview: str, n: int, steps: int = 10) -> dict:
+    """The pipeline's samples (seed 0) decoded by its vqvae and by the preview: PSNR of each pair, and how many
+    previews are closest to their own full decode among the n."""
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    kwargs = {"batch_size": n, "num_inference_steps": steps, "output_type": "np"}
+    full = torch.from_numpy(pipe(generator=torch.manual_seed(0), **kwargs).images)
+    pipe.vqvae = diffusers.AutoencoderTiny.from_pretrained(preview).float()
+    fast = torch.from_numpy(pipe(generator=torch.manual_seed(0), **kwargs).images)
+    mse = ((fast[:, None] - full[None]) ** 2).mean(dim=(2, 3, 4))  # (preview i, full decode j), in [0, 1]
+    own = (10 * torch.log10(1 / mse.diagonal())).tolist()
+    matched = int((mse.argmin(dim=1) == torch.arange(n)).sum())
+    print(
+        f"pipeline samples ({n}, {steps} DDIM steps): preview vs full PSNR dB "
+        + ", ".join(f"{v:.2f}" for v in own)
+        + f"; {matched}/{n} previews closest to their own full decode"
+    )
+    return {"psnr": own, "matched": matched, "steps": steps}
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="demo", help="the full VAE (shipped name, folder or file)")
     parser.add_argument("--preview", default=str(WEIGHTS_DIR / "demo-preview"), help="AutoencoderTiny folder")
     parser.add_argument("--photos", nargs="+", help="scikit-image photo names (default: the demo's six)")
+    parser.add_argument(
+        "--pipeline-samples", type=int, default=0, help="also: N samples of this latent-diffusion pipeline"
+    )
+    parser.add_argument("--pipeline", default=str(WEIGHTS_DIR / "demo"), help="LDMPipeline folder (vqvae/)")
     parser.add_argument("--json", help="also write the per-photo figures here")
     parser.add_argument("--figure", help="PNG: original | full decode | preview, one row per --figure-photos")
     parser.add_argument("--figure-photos", nargs="+", default=["astronaut", "coffee"])
@@ -109,9 +134,14 @@ def main() -> None:
         + f" | {mean['encoder_latent_mse']:.4f} |"
     )
     print(f"(variance of the teacher's scaled latents: {mean['latent_var']:.3f})")
+    samples = (
+        pipeline_samples(args.pipeline, args.preview, args.pipeline_samples)
+        if args.pipeline_samples
+        else None
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": results, "mean": mean}, fh, indent=2)
+            json.dump({"rows": results, "mean": mean, "pipeline_samples": samples}, fh, indent=2)
     if args.figure:
         figure(panels, args.figure_crop).save(args.figure)
         print(f"wrote {args.figure}")
