@@ -2,6 +2,7 @@
 
 from .autoencoder_kl import AutoencoderKL
 from .autoencoder_kl_flux2 import AutoencoderKLFlux2
+from .autoencoder_tiny import AutoencoderTiny
 from .checkpoint import CheckpointError
 from .config import (
     FLUX2_PRESETS,
@@ -9,6 +10,7 @@ from .config import (
     VQ_PRESETS,
     AutoencoderKLConfig,
     AutoencoderKLFlux2Config,
+    AutoencoderTinyConfig,
     ConfigKeyError,
     VQConfig,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "AutoencoderKLConfig",
     "AutoencoderKLFlux2",
     "AutoencoderKLFlux2Config",
+    "AutoencoderTiny",
+    "AutoencoderTinyConfig",
     "CheckpointError",
     "ConfigKeyError",
     "DiagonalGaussian",

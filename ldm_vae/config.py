@@ -244,12 +244,95 @@ class AutoencoderKLFlux2Config(_Levels):
         return cfg
 
 
+# Activations diffusers' get_activation builds (AutoencoderTiny's act_fn), and nn.Upsample's modes.
+TINY_ACTIVATIONS = ("relu", "silu", "swish", "mish", "gelu")
+TINY_UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class AutoencoderTinyConfig:
+    """TAESD's tiny autoencoder (diffusers' ``AutoencoderTiny``): plain conv + ReLU residual blocks, no norms.
+
+    Its latents are the *diffusion-ready* latents of the VAE it was distilled from (for SD: raw latents times
+    0.18215), so ``scaling_factor`` stays 1.0 and a pipeline's ``latents / scaling_factor`` hands them over as
+    they are.
+    """
+
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels out
+    # Encoder width per stage; stage i > 0 starts with a stride-2 conv. diffusers' blocks keep their input
+    # width, so every stage has the same width.
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (
+        64,
+        64,
+        64,
+        64,
+    )  # decoder width per stage, likewise uniform
+    act_fn: str = "relu"  # activation inside the blocks (diffusers' get_activation names)
+    upsample_fn: str = "nearest"  # nn.Upsample mode between decoder stages
+    latent_channels: int = 4  # channels of the latents
+    upsampling_scaling_factor: int = 2  # decoder upsampling per stage
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)  # residual blocks per encoder stage
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)  # residual blocks per decoder stage
+    latent_magnitude: float = 3.0  # latents in [-m, m] map to [0, 1] for 8-bit storage (TAESD's convention)
+    latent_shift: float = 0.5  # where latent 0 lands in that [0, 1] range
+    force_upcast: bool = False  # diffusers' key: no fp32 upcast needed (no norms, small activations)
+    scaling_factor: float = 1.0  # 1.0: the latents are already diffusion-ready (see the class docstring)
+    shift_factor: float | None = 0.0  # 0.0 likewise; None (some configs) means 0
+
+    def __post_init__(self) -> None:
+        for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+            object.__setattr__(self, key, tuple(int(c) for c in getattr(self, key)))
+        for key in ("num_encoder_blocks", "num_decoder_blocks"):
+            object.__setattr__(self, key, tuple(int(n) for n in getattr(self, key)))
+        for side in ("encoder", "decoder"):
+            widths, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
+            if not widths or len(widths) != len(blocks):
+                raise ValueError(
+                    f"{side}_block_out_channels has {len(widths)} stages, num_{side}_blocks {len(blocks)}"
+                )
+            if len(set(widths)) != 1:
+                # diffusers builds every block and stride/upsample conv at its own stage's width on the previous
+                # stage's output, so mixed widths build but cannot run.
+                raise ValueError(
+                    f"{side}_block_out_channels {list(widths)} must all be equal (diffusers' layout)"
+                )
+            if min(blocks) < 0:
+                raise ValueError(f"num_{side}_blocks {list(blocks)} must be non-negative")
+        if self.act_fn not in TINY_ACTIVATIONS:
+            raise ValueError(
+                f"unsupported act_fn {self.act_fn!r}: choose one of {', '.join(TINY_ACTIVATIONS)}"
+            )
+        if self.upsample_fn not in TINY_UPSAMPLE_MODES:
+            raise ValueError(
+                f"unsupported upsample_fn {self.upsample_fn!r}: choose one of {', '.join(TINY_UPSAMPLE_MODES)}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along one edge on the encoder side (8 for TAESD)."""
+        return 2 ** (len(self.num_encoder_blocks) - 1)
+
+    @property
+    def upsample_factor(self) -> int:
+        """Image pixels per latent pixel along one edge on the decoder side."""
+        return self.upsampling_scaling_factor ** (len(self.num_decoder_blocks) - 1)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The ``config.json`` that ``diffusers.AutoencoderTiny`` reads. Without ``block_out_channels``: diffusers
+        registers that copy of the decoder widths itself when it builds the model (and warns when a file has it)."""
+        cfg = {"_class_name": "AutoencoderTiny", **_lists(dataclasses.asdict(self))}
+        cfg["shift_factor"] = self.shift_factor or 0.0
+        return cfg
+
+
 def _lists(fields: dict[str, Any]) -> dict[str, Any]:
     """Tuple fields as JSON lists, as diffusers writes them."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
-ConfigT = TypeVar("ConfigT", AutoencoderKLConfig, VQConfig, AutoencoderKLFlux2Config)
+ConfigT = TypeVar("ConfigT", AutoencoderKLConfig, VQConfig, AutoencoderKLFlux2Config, AutoencoderTinyConfig)
 
 
 class ConfigKeyError(ValueError):
@@ -263,6 +346,7 @@ _DIFFUSERS_ONLY_KEYS: dict[type, tuple[str, ...]] = {
     AutoencoderKLConfig: ("act_fn", "latents_mean", "latents_std"),
     VQConfig: ("act_fn", "norm_type", "lookup_from_codebook"),
     AutoencoderKLFlux2Config: ("act_fn",),
+    AutoencoderTinyConfig: ("block_out_channels",),  # diffusers' copy of decoder_block_out_channels
 }
 
 
@@ -288,7 +372,7 @@ def build_model_config(
     _refuse_unknown(cls, source, [k for k in overrides if k not in names], names)
     unknown = [k for k in fields if k not in names and k not in extra and not k.startswith("_")]
     _refuse_unknown(cls, source, unknown, names, extra)
-    if fields.get("act_fn", "silu") != "silu":
+    if "act_fn" not in names and fields.get("act_fn", "silu") != "silu":
         raise ValueError(f"unsupported act_fn {fields['act_fn']!r}: ldm_vae uses silu")
     if fields.get("norm_type", "group") != "group":
         raise ValueError(

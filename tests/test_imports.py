@@ -17,7 +17,8 @@ import ldm_vae
 ROOT = Path(ldm_vae.__file__).parent
 # The autoencoders and their I/O: they never reach up into the workflows, the CLI, the demo or training.
 LOWER = [
-    *("modules", "autoencoder_kl", "autoencoder_kl_flux2", "vq", "config", "checkpoint", "pretrained"),
+    *("modules", "autoencoder_kl", "autoencoder_kl_flux2", "autoencoder_tiny", "vq", "config", "checkpoint"),
+    "pretrained",
     *("images", "tiling"),
     *("distributions", "metrics", "runtime", "interface", "autoencoders", "io", "checks", "seeds"),
     *("losses", "latents", "ldm", "latent_regularizers", "activations"),
