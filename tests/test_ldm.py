@@ -4,7 +4,6 @@ variational bound in bits/dim, and the exported diffusers LDMPipeline."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import shutil
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _accelerate import reset_accelerate
+from _diffusers_log import load_quietly
 from PIL import Image
 from safetensors import safe_open
 
@@ -274,36 +274,6 @@ def exported(tmp_path) -> tuple[Path, AutoencoderKL]:
     vae = AutoencoderKL.from_pretrained("tiny", scaling_factor=0.7)
     unet, sched = tiny_unet(), build_noise_scheduler(NoiseConfig())
     return export_pipeline(vae, unet, sched, tmp_path / "pipeline"), vae
-
-
-class DiffusersLog(logging.Handler):
-    """Collects diffusers' log records (its loggers do not propagate to the root logger)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def load_quietly(folder: Path):
-    """``DiffusionPipeline.from_pretrained(folder)``, asserting that it neither warns nor logs a warning."""
-    import warnings
-
-    from diffusers import DiffusionPipeline
-
-    handler, logger = DiffusersLog(), logging.getLogger("diffusers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe = DiffusionPipeline.from_pretrained(folder)
-    finally:
-        logger.removeHandler(handler)
-    assert [r.getMessage() for r in handler.records] == []
-    assert [str(w.message) for w in caught] == []
-    return pipe
 
 
 def test_exported_pipeline_loads_in_diffusers_and_matches_our_sampler(exported, tmp_path):
