@@ -125,10 +125,12 @@ def sampling_scheduler(
     if clip_range is not None and clip_range < 0:
         raise ValueError(f"clip range must be >= 0, got {clip_range}")
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    config = dict(scheduler.config)
-    if clip_range is not None:
-        config.update(clip_sample=clip_range > 0, clip_sample_range=clip_range or 1.0)
-    return cls.from_config(config)
+    # As keyword arguments: from_config drops config keys listed in "_use_default_values" (those the source
+    # scheduler was built without), so values merged into the config itself could be silently replaced.
+    clip = (
+        {} if clip_range is None else {"clip_sample": clip_range > 0, "clip_sample_range": clip_range or 1.0}
+    )
+    return cls.from_config(scheduler.config, **clip)
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -359,6 +359,15 @@ def digit_stages(args: argparse.Namespace, runs: Path, py: str, cli: str) -> Non
         tmp = dest.with_name(".digits.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(ldm_run / "pipeline", tmp)
+        # The run's sample.clip_range in the shipped scheduler (exports made before sampling_scheduler passed
+        # it as a keyword saved diffusers' default range 1.0 instead).
+        from diffusers import DDIMScheduler
+
+        from ldm_vae.ldm import sampling_scheduler
+
+        clip = json.loads((ldm_run / "train_config.json").read_text())["sample"]["clip_range"]
+        sched = DDIMScheduler.from_pretrained(tmp / "scheduler")
+        sampling_scheduler(sched, "ddim", clip).save_pretrained(tmp / "scheduler")
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)

@@ -512,3 +512,44 @@ def test_shipped_configs_load_and_stay_small(name):
     fp16_bytes = 2 * sum(p.numel() for p in unet.parameters())
     assert fp16_bytes < 6 * 2**20  # the shipped UNet stays a few MB in fp16
     assert cfg.optim.betas == (0.9, 0.999) and cfg.data.num_val == 16
+
+
+def test_sampling_scheduler_clip_range():
+    base = build_noise_scheduler(NoiseConfig())
+    clipped = sampling_scheduler(base, "ddim", 3.5)
+    assert clipped.config.clip_sample and clipped.config.clip_sample_range == 3.5
+    assert sampling_scheduler(clipped, "ddpm").config.clip_sample_range == 3.5  # None keeps the setting
+    assert not sampling_scheduler(clipped, "ddim", 0.0).config.clip_sample
+    assert not sampling_scheduler(base, "ddim").config.clip_sample
+    with pytest.raises(ValueError, match="clip range must be >= 0"):
+        sampling_scheduler(base, "ddim", -1.0)
+    # Clipping acts: a step from a large x_t with a zero eps prediction keeps x_0 within the range.
+    clipped.set_timesteps(2)
+    x = torch.full((1, 1, 2, 2), 50.0)
+    t = clipped.timesteps[-1]
+    out = clipped.step(torch.zeros_like(x), t, x).pred_original_sample
+    assert out.max().item() == 3.5
+
+
+def test_refreshing_the_digits_vqvae_keeps_its_scale_and_refuses_a_new_encoder(tmp_path, capsys):
+    from _scripts import import_script
+
+    build = import_script("build_demo_weights")
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("tiny", scaling_factor=0.5)
+    src = vae.save_pretrained(tmp_path / "demo" / "vqvae")
+    AutoencoderKL.from_pretrained(src, scaling_factor=0.25).save_pretrained(tmp_path / "digits" / "vqvae")
+    with torch.no_grad():  # a decoder-only round: new decoder weights
+        for p in vae.decoder.parameters():
+            p.add_(0.01)
+    vae.save_pretrained(src)
+    build.refresh_digits_vqvae(src, tmp_path / "digits" / "vqvae")
+    new = AutoencoderKL.from_pretrained(tmp_path / "digits" / "vqvae")
+    assert new.config.scaling_factor == 0.25
+    for (name, a), b in zip(new.state_dict().items(), vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():  # a new encoder: every latent changed, the DDPM is stale
+        next(vae.encoder.parameters()).add_(0.01)
+    vae.save_pretrained(src)
+    with pytest.raises(SystemExit, match=r"its encoder differs .* retrain the digits DDPM"):
+        build.refresh_digits_vqvae(src, tmp_path / "digits" / "vqvae")

@@ -58,7 +58,9 @@ def test_shipped_pipelines_load_in_diffusers_without_warnings_and_run(name):
     assert images.shape == (1, size, size, 3) and images.std() > 0
     ours_vae, _, scheduler = load_pipeline(name)
     assert ours_vae.config.scaling_factor == pipe.vqvae.config.scaling_factor
-    assert scheduler.config.clip_sample == pipe.scheduler.config.clip_sample
+    assert scheduler.config.clip_sample == pipe.scheduler.config.clip_sample == (name == "digits")
+    if name == "digits":
+        assert pipe.scheduler.config.clip_sample_range == scheduler.config.clip_sample_range == 3.5
 
 
 def test_digits_vqvae_is_the_demo_autoencoder_with_the_digits_scale():
