@@ -20,7 +20,7 @@ LOWER = [
     *("modules", "autoencoder_kl", "autoencoder_kl_flux2", "vq", "config", "checkpoint", "pretrained"),
     *("images", "tiling"),
     *("distributions", "metrics", "runtime", "interface", "autoencoders", "io", "checks", "seeds"),
-    *("losses", "latents", "ldm", "latent_regularizers"),
+    *("losses", "latents", "ldm", "ldm_pipeline", "latent_regularizers", "digits"),
 ]
 UPPER = ("ldm_vae.workflows", "ldm_vae.cli", "ldm_vae.demo", "ldm_vae.training")
 
