@@ -24,6 +24,7 @@ stages are the photo pipeline's four; the digits' are named explicitly.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -493,6 +494,18 @@ def digits_card(ldm_run: Path, latents: Path, shipped: Path, demo: dict, command
     sched = json.loads((shipped / "scheduler/scheduler_config.json").read_text())
     params = sum(t.numel() for t in load_file(shipped / "unet/diffusion_pytorch_model.safetensors").values())
     size = sum(p.stat().st_size for p in shipped.rglob("*.safetensors")) / 2**20
+    # A run resumed with a larger --max-steps recomputes its cosine schedule: the lr jumps back up there.
+    lrs = [
+        (r["step"], r["train/lr"])
+        for r in log
+        if "train/lr" in r and r["step"] > cfg["optim"]["warmup_steps"]
+    ]
+    restarts = [(s1, lr1) for (_, lr0), (s1, lr1) in itertools.pairwise(lrs) if lr1 > 1.05 * lr0]
+    schedule = "".join(
+        f" Resumed at step {step} with a longer schedule (`--max-steps {cfg['train']['max_steps']}`): the cosine "
+        f"was recomputed, so the lr went back up to {lr:.2g} there."
+        for step, lr in restarts
+    )
     bits = demo["bits_per_dim"]
     beat = bits["ddpm_bound"] < bits["full"]
     lines = [
@@ -525,7 +538,7 @@ def digits_card(ldm_run: Path, latents: Path, shipped: Path, demo: dict, command
         f"+-{sched['clip_sample_range']} (`clip_sample` in `scheduler/`).",
         f"- Steps: {log[-1]['step']} ({hours:.2f} h of training steps on a 2-core CPU shared with other jobs), batch "
         f"{cfg['data']['batch_size']}, AdamW lr {cfg['optim']['lr']} ({cfg['optim']['warmup_steps']} warm-up steps, "
-        f"cosine), EMA {cfg['train']['ema_decay']} (the shipped weights are the EMA).",
+        f"cosine), EMA {cfg['train']['ema_decay']} (the shipped weights are the EMA).{schedule}",
         "",
         "## Held-out bits per dimension",
         "",
