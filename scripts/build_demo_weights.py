@@ -500,7 +500,7 @@ def digits_card(ldm_run: Path, latents: Path, shipped: Path, demo: dict, command
         for r in log
         if "train/lr" in r and r["step"] > cfg["optim"]["warmup_steps"]
     ]
-    restarts = [(s1, lr1) for (_, lr0), (s1, lr1) in itertools.pairwise(lrs) if lr1 > 1.05 * lr0]
+    restarts = [(s0, lr1) for (s0, lr0), (_, lr1) in itertools.pairwise(lrs) if lr1 > 1.05 * lr0]
     schedule = "".join(
         f" Resumed at step {step} with a longer schedule (`--max-steps {cfg['train']['max_steps']}`): the cosine "
         f"was recomputed, so the lr went back up to {lr:.2g} there."
