@@ -1,5 +1,8 @@
 """ldm_vae: latent-diffusion image autoencoders, exactly compatible with diffusers and LDM/SD checkpoints."""
 
+# Imported so that with ldm_vae imported, diffusers finds the vqvae class the shipped pipelines name (it resolves
+# a model_index.json library outside its own only from modules already imported).
+from . import ldm_pipeline  # noqa: F401
 from .autoencoder_kl import AutoencoderKL
 from .autoencoder_kl_flux2 import AutoencoderKLFlux2
 from .autoencoder_tiny import AutoencoderTiny

@@ -573,3 +573,9 @@ class LatentDataset(Dataset):
         if not len(self):
             return torch.empty(0, *self.mean.shape[1:])
         return torch.stack([self[(i, mix_seed(seed, i))] for i in range(len(self))])
+
+    def fixed_draws(self, seed: int, draws: int = 4) -> Tensor:
+        """``draws`` posterior samples of every item (draws * N, C, h, w), seeded apart from
+        :meth:`fixed_samples` (seeds ``mix_seed(seed, 1 + k)``): the training data Gaussian baselines are
+        fitted to (:func:`ldm_vae.ldm.gaussian_baselines`)."""
+        return torch.cat([self.fixed_samples(mix_seed(seed, 1 + k)) for k in range(draws)])

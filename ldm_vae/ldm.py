@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .autoencoder_kl import AutoencoderKL
 from .checkpoint import CheckpointError
 from .io import write_json
+from .ldm_pipeline import VQVAE_ENTRY  # also registers the vqvae class with diffusers (see export_pipeline)
 from .runtime import resolve_dtype
 
 SamplerName = Literal["ddim", "ddpm"]
@@ -109,16 +110,27 @@ def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
 
 
 def sampling_scheduler(
-    scheduler: DDPMScheduler | DDIMScheduler, kind: SamplerName
+    scheduler: DDPMScheduler | DDIMScheduler, kind: SamplerName, clip_range: float | None = None
 ) -> DDPMScheduler | DDIMScheduler:
     """A DDIM or DDPM scheduler over the same betas as ``scheduler`` (diffusers maps the shared config keys).
 
-    x_0 predictions are never clipped: latents, unlike pixels, are not bounded by [-1, 1].
+    Args:
+        clip_range: clip x_0 predictions to [-clip_range, clip_range] (diffusers' ``clip_sample``); 0 never
+            clips, None keeps ``scheduler``'s setting. Latents, unlike pixels, are not bounded by [-1, 1], but a
+            few-step sampler of a small DDPM overshoots at large t, and clipping at a few standard deviations of
+            the unit-variance latents keeps its x_0 estimates on the data.
     """
     if kind not in ("ddim", "ddpm"):
         raise ValueError(f"unknown scheduler {kind!r} (ddim or ddpm)")
+    if clip_range is not None and clip_range < 0:
+        raise ValueError(f"clip range must be >= 0, got {clip_range}")
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-    return cls.from_config({**scheduler.config, "clip_sample": False})
+    # As keyword arguments: from_config drops config keys listed in "_use_default_values" (those the source
+    # scheduler was built without), so values merged into the config itself could be silently replaced.
+    clip = (
+        {} if clip_range is None else {"clip_sample": clip_range > 0, "clip_sample_range": clip_range or 1.0}
+    )
+    return cls.from_config(scheduler.config, **clip)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -198,10 +210,70 @@ def decode_latents(vae: AutoencoderKL, z: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def gaussian_bits_per_dim(x: Tensor) -> Tensor:
-    """-log2 N(x; 0, I) / dim per sample (B,): the continuous NLL under a VAE's sampling prior."""
-    nats = 0.5 * (math.log(2 * math.pi) + x.double().square())
-    return nats.flatten(1).mean(1) / LOG2
+def gaussian_bits_per_dim(x: Tensor, mean: Tensor | None = None, cov: Tensor | None = None) -> Tensor:
+    """-log2 N(x; mean, cov) / dim per sample (B,), a continuous NLL; default N(0, I), a VAE's sampling prior.
+
+    Args:
+        x: (B, ...) samples.
+        mean: (D,) with D = x[0].numel(), or None for zero.
+        cov: (D, D) positive definite, or None for the identity.
+    """
+    x = x.double().flatten(1).cpu()  # (B, D)
+    if mean is not None:
+        x = x - mean.double()
+    if cov is None:
+        return 0.5 * (math.log(2 * math.pi) + x.square()).mean(1) / LOG2
+    chol = torch.linalg.cholesky(cov.double())  # (D, D)
+    white = torch.linalg.solve_triangular(chol, x.T, upper=False)  # (D, B): L^-1 (x - mean)
+    logdet = 2 * chol.diagonal().log().sum()
+    d = x.shape[1]
+    nats = 0.5 * (d * math.log(2 * math.pi) + logdet + white.square().sum(0))
+    return nats / (d * LOG2)
+
+
+def ledoit_wolf(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean (D,), covariance (D, D)) of samples x (N, D), the covariance shrunk toward a scaled identity.
+
+    Ledoit & Wolf (2004), "A well-conditioned estimator for large-dimensional covariance matrices": the
+    shrinkage minimizing the expected Frobenius error, as ``sklearn.covariance.LedoitWolf`` computes it
+    (with the maximum-likelihood 1/N sample covariance), in float64.
+    """
+    x = x.double()
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    emp = xc.T @ xc / n  # (D, D)
+    mu = emp.diagonal().mean()
+    delta = (emp - mu * torch.eye(d, dtype=x.dtype)).square().sum() / d
+    x2 = xc.square()
+    beta = min(((x2.T @ x2).sum() / n - emp.square().sum()).item() / (d * n), delta.item())
+    shrinkage = 0.0 if delta == 0 else beta / delta.item()
+    cov = (1 - shrinkage) * emp + shrinkage * mu * torch.eye(d, dtype=x.dtype)
+    return mean, cov
+
+
+def gaussian_baselines(train: Tensor) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """Gaussians fitted to training latents (N, C, h, w), as (mean, cov) for :func:`gaussian_bits_per_dim`.
+
+    ``prior``: N(0, I), what a VAE samples from. ``per_channel``: one mean and variance per latent channel,
+    shared by every position (maximum likelihood). ``full``: a mean per element and a full covariance with
+    Ledoit-Wolf shrinkage. A DDPM that scores no better than ``full`` on held-out latents has learned nothing
+    beyond second moments.
+    """
+    z = train.double().cpu()
+    c = z.shape[1]
+    per = z.transpose(0, 1).reshape(c, -1)  # (C, N*h*w)
+    mean_c, var_c = per.mean(1), per.var(1, correction=0)
+    spatial = z[0, 0].numel()
+    per_channel = (mean_c.repeat_interleave(spatial), torch.diag(var_c.repeat_interleave(spatial)))
+    return {"prior": (None, None), "per_channel": per_channel, "full": ledoit_wolf(z.flatten(1))}
+
+
+BASELINE_NAMES = {  # how tables name the baselines of :func:`gaussian_baselines`
+    "prior": "N(0, I) prior",
+    "per_channel": "Gaussian per channel (fitted)",
+    "full": "Gaussian full covariance, Ledoit-Wolf (fitted)",
+}
 
 
 @torch.no_grad()
@@ -294,9 +366,11 @@ def export_pipeline(
 ) -> Path:
     """Writes a ``diffusers.LDMPipeline`` folder (``vqvae/``, ``unet/``, ``scheduler/``, ``model_index.json``).
 
-    ``LDMPipeline`` decodes ``vqvae.decode(latents / vqvae.config.scaling_factor).sample``; an ``AutoencoderKL``
-    fits that slot (diffusers warns that it expected a ``VQModel``, and runs), so ``vae.config.scaling_factor``
-    must be the scale the UNet was trained with. The scheduler is saved as DDIM, the pipeline's default sampler.
+    ``LDMPipeline`` decodes ``vqvae.decode(latents / vqvae.config.scaling_factor).sample``, so
+    ``vae.config.scaling_factor`` must be the scale the UNet was trained with. ``vqvae/`` is an ordinary
+    ``AutoencoderKL`` folder; ``model_index.json`` names it :class:`~ldm_vae.ldm_pipeline.KLAutoencoderForLDMPipeline`,
+    the same model typed as the ``VQModel`` the pipeline expects, so diffusers loads the folder without a type
+    warning once :mod:`ldm_vae.ldm_pipeline` is imported (this module imports it). The scheduler is saved as DDIM, the pipeline's default sampler.
     The folder is written beside its destination and renamed into place.
 
     Raises:
@@ -322,7 +396,7 @@ def export_pipeline(
     index = {
         "_class_name": "LDMPipeline",
         "_diffusers_version": diffusers.__version__,
-        "vqvae": ["diffusers", "AutoencoderKL"],
+        "vqvae": VQVAE_ENTRY,
         "unet": ["diffusers", "UNet2DModel"],
         "scheduler": ["diffusers", "DDIMScheduler"],
     }
@@ -336,18 +410,20 @@ def export_pipeline(
 def load_pipeline(
     folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "fp32"
 ) -> tuple[AutoencoderKL, UNet2DModel, DDIMScheduler]:
-    """(vae, unet, scheduler) of an exported folder, with ldm_vae's own ``AutoencoderKL`` as the VAE.
+    """(vae, unet, scheduler) of an exported folder (or the shipped ``demo`` / ``digits``), with ldm_vae's own
+    ``AutoencoderKL`` as the VAE.
 
     Raises:
         CheckpointError: not a pipeline folder of this layout.
     """
-    if str(folder) == "demo" and not Path(folder).exists():
-        from .pretrained import DEMO_PIPELINE, WEIGHTS_DIR
+    name = str(folder)
+    if name in ("demo", "digits") and not Path(folder).exists():
+        from .pretrained import WEIGHTS_DIR
 
-        folder = WEIGHTS_DIR / DEMO_PIPELINE  # the shipped demo pipeline
+        folder = WEIGHTS_DIR / name  # a shipped pipeline: weights/demo (photos) or weights/digits
         if not (folder / PIPELINE_INDEX).is_file():
             raise CheckpointError(
-                f"shipped weights 'demo' not found at {folder} (set LDM_VAE_WEIGHTS to the weights folder)"
+                f"shipped weights {name!r} not found at {folder} (set LDM_VAE_WEIGHTS to the weights folder)"
             )
     folder = Path(folder)
     try:
@@ -356,7 +432,7 @@ def load_pipeline(
         raise CheckpointError(
             f"{folder}: not a pipeline folder (cannot read {PIPELINE_INDEX}: {e})"
         ) from None
-    if index.get("vqvae") != ["diffusers", "AutoencoderKL"] or "unet" not in index:
+    if index.get("vqvae") not in (["diffusers", "AutoencoderKL"], VQVAE_ENTRY) or "unet" not in index:
         raise CheckpointError(
             f"{folder}: not a latent-diffusion pipeline with an AutoencoderKL (vqvae/) and a unet/"
         )

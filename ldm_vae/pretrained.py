@@ -17,9 +17,12 @@ from .io import write_json, write_safetensors
 from .runtime import memory_format_for, resolve_dtype
 
 # Shipped weights: <repo>/weights/ (editable install) or $LDM_VAE_WEIGHTS. weights/demo is the demo's
-# latent-diffusion pipeline folder; its vqvae/ is the demo autoencoder.
+# latent-diffusion pipeline folder; its vqvae/ is the demo autoencoder. weights/digits is the digits pipeline.
 WEIGHTS_DIR = Path(os.environ.get("LDM_VAE_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 DEMO_PIPELINE = "demo"
+DIGITS_PIPELINE = (
+    "digits"  # the digits DDPM on the same autoencoder (its vqvae/ a copy with the digits' scale)
+)
 SHIPPED = {"demo": f"{DEMO_PIPELINE}/vqvae"}
 
 

@@ -1,20 +1,30 @@
-"""Builds the shipped demo weights (``weights/demo/``) end to end, each stage resumable:
+"""Builds the shipped demo weights (``weights/demo/`` and ``weights/digits/``) end to end, each stage resumable:
 
 1. ``vae``: the KL-f8 autoencoder, ``scripts/train_vae.py --config scripts/configs/demo_kl_f8.toml``;
 2. ``latents``: ``ldm-vae cache-latents`` of the photos through it (128 px: the center crop and 7 random crops
    and mirror images of each photo);
 3. ``ldm``: the latent DDPM, ``scripts/train_ldm.py --config scripts/configs/ldm_demo.toml``;
 4. ``ship``: copies the exported pipeline to ``weights/demo/``, runs ``ldm-vae demo`` on it, writes the model
-   card (``weights/demo/README.md``) from the runs' logs and the demo's scores, and the README's pictures.
+   card (``weights/demo/README.md``) from the runs' logs and the demo's scores, and the README's pictures;
+5. ``digits-data``: scikit-learn's digits as 64 px PNGs (:mod:`ldm_vae.digits`), cached through the shipped
+   ``weights/demo/vqvae`` (8x8x4 latents);
+6. ``digits-ldm``: the digits DDPM, ``scripts/train_ldm.py --config scripts/configs/ldm_digits.toml``;
+7. ``digits-ship``: copies its pipeline to ``weights/digits/``, runs the demo, writes ``weights/digits/README.md``;
+8. ``digits-vqvae``: refreshes ``weights/digits/vqvae`` from ``weights/demo/vqvae`` (its weights, the digits'
+   scale) after the autoencoder's decoder was retrained, and rewrites the card. Seconds: it refuses if the
+   encoder changed, because every latent, and with them the DDPM, would be stale.
 
     python scripts/build_demo_weights.py --photos ../shared/data/photos --runs runs [--stages ship]
+    python scripts/build_demo_weights.py --stages digits-vqvae   # after a decoder-only round of the VAE
 
-Stopped at any point, the same command continues (trainers resume from their latest checkpoint).
+Stopped at any point, the same command continues (trainers resume from their latest checkpoint). The default
+stages are the photo pipeline's four; the digits' are named explicitly.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -26,12 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ldm_vae import PRESETS
 from ldm_vae.runtime import autocast_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("vae", "latents", "ldm", "ship")
+DIGIT_STAGES = ("digits-data", "digits-ldm", "digits-ship", "digits-vqvae")
 
 
 def run(*args: str) -> None:
@@ -104,6 +116,48 @@ def pictures(
     grid.save(docs / "samples.png")
 
 
+def ldm_eval_block(cli: str, latents: Path, pipeline: Path, last: int) -> list[str]:
+    """``ldm-vae ldm-eval`` of the shipped pipeline on the held-out latents, as model-card lines."""
+    args = [
+        cli,
+        "ldm-eval",
+        str(latents),
+        "--pipeline",
+        str(pipeline),
+        "--last",
+        str(last),
+        "--timesteps",
+        "100",
+    ]
+    print("$", " ".join(args), flush=True)
+    out = subprocess.run(args, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    shown = " ".join(
+        [
+            "ldm-vae ldm-eval",
+            os.path.relpath(latents, ROOT),
+            "--pipeline",
+            os.path.relpath(pipeline, ROOT),
+            "--last",
+            str(last),
+            "--timesteps 100",
+        ]
+    )
+    return [
+        f"The shipped pipeline, `{shown}` (Gaussians fitted to the training latents, four posterior samples of",
+        "each; a DDPM that does not beat the full-covariance one has learned nothing beyond second moments):",
+        "",
+        "```",
+        *out.strip().splitlines(),
+        "```",
+        "",
+    ]
+
+
+def _bits(record: dict, *keys: str) -> str:
+    """The first of ``keys`` the record has, as bits/dim; "-" for logs written before it was logged."""
+    return next((f"{record[k]:.3f}" for k in keys if k in record), "-")
+
+
 def vae_round(vae_run: Path) -> dict:
     """One training round of the autoencoder (a run from a preset, or continued from earlier weights)."""
     cfg = json.loads((vae_run / "train_config.json").read_text())
@@ -139,6 +193,7 @@ def card(
     demo: dict,
     rounds: list[dict],
     commands: list[str],
+    evaluation: list[str] = (),
 ) -> str:
     """The model card of weights/demo, from the runs' resolved configs and logs and the demo's scores."""
     vae_cfg = json.loads((vae_run / "train_config.json").read_text())
@@ -201,13 +256,15 @@ def card(
         "photos, none of whose crops were trained on), in bits per dimension, against the same latents under the "
         "N(0, I) prior a VAE samples from (a bound on differential entropy: lower is better):",
         "",
-        "| step | val loss (EMA) | bound bits/dim (EMA) | N(0, I) bits/dim |",
-        "|---:|---:|---:|---:|",
+        "| step | val loss (EMA) | bound bits/dim (EMA) | full-cov Gaussian | per-channel Gaussian | N(0, I) |",
+        "|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {r['step']} | {r['val/loss_ema']:.4f} | {r['val/bpd_ema']:.3f} | {r['val/prior_bpd_ema']:.3f} |"
+            f"| {r['step']} | {r['val/loss_ema']:.4f} | {r['val/bpd_ema']:.3f} | {_bits(r, 'val/full_cov_bpd')} | "
+            f"{_bits(r, 'val/per_channel_bpd')} | {_bits(r, 'val/prior_bpd', 'val/prior_bpd_ema')} |"
             for r in ldm_vals
         ),
         "",
+        *evaluation,
         "## Measured (`ldm-vae demo`, scikit-image's colour photos, never seen in training)",
         "",
         "Reconstructions at full size, 8-bit as written, against the bicubic x8 down/up baseline:",
@@ -243,7 +300,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared/data/photos")
     p.add_argument("--runs", type=Path, default=ROOT / "runs")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--stages", nargs="+", choices=STAGES + DIGIT_STAGES, default=list(STAGES))
+    p.add_argument("--digits-weights", type=Path, default=ROOT / "weights/digits", help="where it is shipped")
+    p.add_argument("--digits-steps", type=int, help="steps of the digits DDPM (default: the config's)")
     p.add_argument(
         "--weights", type=Path, default=ROOT / "weights/demo", help="where the pipeline is shipped"
     )
@@ -306,12 +365,228 @@ def main() -> None:
             "python scripts/build_demo_weights.py --stages ship  # copy here, demo, this card",
         ]
         (dest / "history.json").write_text(json.dumps({"vae_rounds": rounds}, indent=2) + "\n")
-        (dest / "README.md").write_text(card(vae_run, latents, ldm_run, dest, demo, rounds, made))
+        num_val = json.loads((ldm_run / "train_config.json").read_text())["data"]["num_val"]
+        evaluation = ldm_eval_block(cli, latents, dest, num_val)
+        (dest / "README.md").write_text(card(vae_run, latents, ldm_run, dest, demo, rounds, made, evaluation))
         levels = len(json.loads((dest / "vqvae/config.json").read_text())["block_out_channels"])
         pictures(demo_out, args.docs, 2 ** (levels - 1))
         print(
             f"shipped {dest}; mean PSNR {demo['mean']['psnr']:.2f} dB vs bicubic {demo['mean']['bicubic_psnr']:.2f}"
         )
+    digit_stages(args, runs, py, cli)
+
+
+def digit_stages(args: argparse.Namespace, runs: Path, py: str, cli: str) -> None:
+    """The digits pipeline's stages (module docstring, 5-8)."""
+    from ldm_vae.digits import write_digits
+
+    images, latents, ldm_run = runs / "digits/images", runs / "digits/latents", runs / "digits/ldm"
+    rel = {k: os.path.relpath(v, ROOT) for k, v in {"i": images, "l": latents, "r": ldm_run}.items()}
+    vae_src = args.weights.resolve() / "vqvae"
+    dest = args.digits_weights.resolve()
+    train = [
+        f"ldm-vae cache-latents {rel['i']} -o {rel['l']} --model {os.path.relpath(vae_src, ROOT)} "
+        "--resolution 64 --dtype fp32 --batch-size 64",
+        f"python scripts/train_ldm.py --config scripts/configs/ldm_digits.toml --latent-dir {rel['l']} "
+        f"--output-dir {rel['r']} --resume latest"
+        + (f" --max-steps {args.digits_steps}" if args.digits_steps else ""),
+    ]
+    if "digits-data" in args.stages:
+        print(f"writing the digits to {images}", flush=True)
+        write_digits(images)
+        run(cli, *train[0].split()[1:])
+    if "digits-ldm" in args.stages:
+        run(*train[1].replace("python", py, 1).split())
+    if "digits-ship" in args.stages:
+        tmp = dest.with_name(".digits.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ldm_run / "pipeline", tmp)
+        # The run's sample.clip_range in the shipped scheduler (exports made before sampling_scheduler passed
+        # it as a keyword saved diffusers' default range 1.0 instead).
+        from diffusers import DDIMScheduler
+
+        from ldm_vae.ldm import sampling_scheduler
+
+        clip = json.loads((ldm_run / "train_config.json").read_text())["sample"]["clip_range"]
+        sched = DDIMScheduler.from_pretrained(tmp / "scheduler")
+        sampling_scheduler(sched, "ddim", clip).save_pretrained(tmp / "scheduler")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    if "digits-vqvae" in args.stages:
+        refresh_digits_vqvae(vae_src, dest / "vqvae")
+    if {"digits-ship", "digits-vqvae"} & set(args.stages):
+        demo_out = runs / "demo-output"
+        run(cli, "demo", "-o", str(demo_out), "--pipeline", str(args.weights.resolve()), "--digits-pipeline",
+            str(dest), "--dtype", "fp32")  # fmt: skip
+        demo = json.loads((demo_out / "metrics.json").read_text())
+        made = [
+            "python scripts/build_demo_weights.py --stages digits-data  # the PNGs, then:",
+            *train,
+            "python scripts/build_demo_weights.py --stages digits-ship  # copy here, demo, this card",
+        ]
+        (dest / "README.md").write_text(digits_card(ldm_run, latents, dest, demo["digits"], made))
+        digit_pictures(demo_out, args.docs)
+        bits = demo["digits"]["bits_per_dim"]
+        print(f"shipped {dest}; held-out bits/dim {bits}")
+
+
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # what a latent depends on
+
+
+def refresh_digits_vqvae(src: Path, dest: Path) -> None:
+    """Copies the autoencoder ``src`` over ``dest`` keeping ``dest``'s scaling_factor; refuses a new encoder."""
+    name = "diffusion_pytorch_model.safetensors"
+    new, old = load_file(src / name), load_file(dest / name)
+    changed = [k for k in new if k.startswith(ENCODER_PREFIXES) and not torch.equal(new[k], old.get(k))]
+    if changed or {k for k in new if k.startswith(ENCODER_PREFIXES)} != {
+        k for k in old if k.startswith(ENCODER_PREFIXES)
+    }:
+        sys.exit(
+            f"error: {src}: its encoder differs from {dest}'s ({changed[:1] or 'other weight names'}): the digits' "
+            "latents changed, so retrain the digits DDPM (--stages digits-data digits-ldm digits-ship)"
+        )
+    scale = json.loads((dest / "config.json").read_text())["scaling_factor"]
+    config = {**json.loads((src / "config.json").read_text()), "scaling_factor": scale}
+    tmp = dest.with_name(".vqvae.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copy2(src / name, tmp / name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(dest)
+    tmp.rename(dest)
+    print(f"refreshed {dest} from {src} (encoder unchanged, scaling_factor {scale:.6g} kept)", flush=True)
+
+
+def digit_pictures(demo_out: Path, docs: Path) -> None:
+    """README pictures of the digits: real | DDPM samples | nearest training digit | N(0, I) prior, in one row."""
+    d = demo_out / "digits"
+    tiles = [
+        Image.open(d / n).convert("RGB")
+        for n in ("real.png", "ddpm/grid.png", "nearest.png", "prior/grid.png")
+    ]
+    h = 264
+    tiles = [t.resize((round(t.width * h / t.height), h), Image.NEAREST) for t in tiles]
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 16 * (len(tiles) - 1), h), "white")
+    x0 = 0
+    for t in tiles:
+        sheet.paste(t, (x0, 0))
+        x0 += t.width + 16
+    docs.mkdir(parents=True, exist_ok=True)
+    sheet.save(docs / "digits.png")
+    for kind in ("linear", "slerp"):
+        shutil.copy2(demo_out / "interpolation" / f"{kind}.png", docs / f"interpolation-{kind}.png")
+    channels = sorted((demo_out / "channels").glob("channel-*.png"))
+    tiles = [Image.open(p).convert("RGB").resize((256, 256), Image.NEAREST) for p in channels]
+    sheet = Image.new("RGB", (len(tiles) * 264 - 8, 256), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t, (i * 264, 0))
+    sheet.save(docs / "channels.png")
+
+
+def digits_card(ldm_run: Path, latents: Path, shipped: Path, demo: dict, commands: list[str]) -> str:
+    """The model card of weights/digits, from the run's resolved config and log and the demo's numbers."""
+    cfg = json.loads((ldm_run / "train_config.json").read_text())
+    log = logged(ldm_run)
+    hours = training_hours(log, cfg["train"]["log_every"])
+    vals = [r for r in log if "val/bpd_ema" in r]
+    unet = json.loads((shipped / "unet/config.json").read_text())
+    sched = json.loads((shipped / "scheduler/scheduler_config.json").read_text())
+    params = sum(t.numel() for t in load_file(shipped / "unet/diffusion_pytorch_model.safetensors").values())
+    size = sum(p.stat().st_size for p in shipped.rglob("*.safetensors")) / 2**20
+    # A run resumed with a larger --max-steps recomputes its cosine schedule: the lr jumps back up there.
+    lrs = [
+        (r["step"], r["train/lr"])
+        for r in log
+        if "train/lr" in r and r["step"] > cfg["optim"]["warmup_steps"]
+    ]
+    restarts = [(s0, lr1) for (s0, lr0), (_, lr1) in itertools.pairwise(lrs) if lr1 > 1.05 * lr0]
+    schedule = "".join(
+        f" Resumed at step {step} with a longer schedule (`--max-steps {cfg['train']['max_steps']}`): the cosine "
+        f"was recomputed, so the lr went back up to {lr:.2g} there."
+        for step, lr in restarts
+    )
+    bits = demo["bits_per_dim"]
+    beat = bits["ddpm_bound"] < bits["full"]
+    lines = [
+        "# ldm_vae digits weights",
+        "",
+        "An unconditional latent-diffusion pipeline in the diffusers `LDMPipeline` layout, on handwritten digits:",
+        "`vqvae/` is the photo-trained demo autoencoder (a copy of `weights/demo/vqvae`, with the digits'",
+        f"`scaling_factor` {demo['scaling_factor']:.6f}), `unet/` a diffusers `UNet2DModel` trained on its latents"
+        " of the digits, `scheduler/` DDIM. `model_index.json` names the autoencoder",
+        "`ldm_vae.ldm_pipeline.KLAutoencoderForLDMPipeline` (the same `AutoencoderKL` weights, typed as the",
+        "`VQModel` `LDMPipeline` expects), so `import ldm_vae.ldm_pipeline` before",
+        '`DiffusionPipeline.from_pretrained("weights/digits")` loads it without warnings.',
+        f"Weights are safetensors in fp16 ({size:.1f} MiB in all). Trained on a 2-core CPU by this repository's "
+        "own trainer; a demonstration.",
+        "",
+        "## Data",
+        "",
+        "scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`: 1797 images of 8x8 pixels, 16",
+        "grey levels), bicubic-upscaled to 64x64 RGB, dark ink on white (`ldm_vae/digits.py`), encoded by the",
+        f"autoencoder to {'x'.join(map(str, demo['latent_shape']))} latents (posterior mean and std cached; training "
+        f"draws a fresh posterior sample each epoch). The last {demo['num_held_out']} digits are held out; the "
+        f"other {demo['num_train']} are trained on. The latent scale is 1 / std of the training latents only.",
+        "",
+        "## Latent DDPM (`unet/`, `scheduler/`)",
+        "",
+        f"- `UNet2DModel`: `block_out_channels` {unet['block_out_channels']}, `layers_per_block` "
+        f"{unet['layers_per_block']}, attention at the coarsest level, {params / 1e6:.1f}M parameters; epsilon "
+        f"objective, diffusers' DDPM scheduler ({cfg['diffusion']['beta_schedule']}, "
+        f"{cfg['diffusion']['num_train_timesteps']} steps); sampled with DDIM, x_0 predictions clipped to "
+        f"+-{sched['clip_sample_range']} (`clip_sample` in `scheduler/`).",
+        f"- Steps: {log[-1]['step']} ({hours:.2f} h of training steps on a 2-core CPU shared with other jobs), batch "
+        f"{cfg['data']['batch_size']}, AdamW lr {cfg['optim']['lr']} ({cfg['optim']['warmup_steps']} warm-up steps, "
+        f"cosine), EMA {cfg['train']['ema_decay']} (the shipped weights are the EMA).{schedule}",
+        "",
+        "## Held-out bits per dimension",
+        "",
+        f"On the {demo['num_held_out']} held-out digits' latents (one posterior sample each, seed 0), as `ldm-vae "
+        "demo` computes them (and `ldm-vae ldm-eval ... --last 197`): DDPM's variational bound "
+        f"({demo['bound_timesteps']} importance-sampled timesteps) against Gaussians fitted to the training "
+        "latents (four posterior samples of each) and the N(0, I) prior a VAE samples from. Continuous densities "
+        "on the latents, so the numbers can be negative; lower is better.",
+        "",
+        "| model | bits/dim |",
+        "|---|---:|",
+        f"| latent DDPM, variational bound | **{bits['ddpm_bound']:.3f}** |",
+        f"| Gaussian, full covariance (Ledoit-Wolf shrinkage) | {bits['full']:.3f} |",
+        f"| Gaussian per channel | {bits['per_channel']:.3f} |",
+        f"| N(0, I) | {bits['prior']:.3f} |",
+        "",
+        (
+            f"The DDPM beats the full-covariance Gaussian by {bits['full'] - bits['ddpm_bound']:.3f} bits/dim: it "
+            "models more of the digits than their second moments."
+            if beat
+            else f"The DDPM does **not** beat the full-covariance Gaussian yet ({bits['ddpm_bound'] - bits['full']:+.3f} "
+            "bits/dim): it needs more training."
+        ),
+        f"Samples are not copies: the mean RMSE from a sample to its nearest training digit is "
+        f"{demo['nearest_rmse_samples']:.3f}, against {demo['nearest_rmse_held_out']:.3f} from a held-out real "
+        "digit to its nearest training digit (pixels in [-1, 1]).",
+        "",
+        "Validation during training (the same held-out latents; the Gaussians do not change with the step):",
+        "",
+        "| step | val loss (EMA) | DDPM bound (EMA) | full-cov Gaussian | per-channel Gaussian | N(0, I) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['step']} | {r['val/loss_ema']:.4f} | {r['val/bpd_ema']:.3f} | {r.get('val/full_cov_bpd', float('nan')):.3f} | "
+            f"{r.get('val/per_channel_bpd', float('nan')):.3f} | {r['val/prior_bpd']:.3f} |"
+            for r in vals
+        ),
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+        "After a decoder-only round of the autoencoder, `python scripts/build_demo_weights.py --stages digits-vqvae`",
+        "copies the new `weights/demo/vqvae` here (it refuses if the encoder changed) and rewrites this card.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

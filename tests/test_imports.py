@@ -21,7 +21,7 @@ LOWER = [
     "pretrained",
     *("images", "tiling"),
     *("distributions", "metrics", "runtime", "interface", "autoencoders", "io", "checks", "seeds"),
-    *("losses", "latents", "ldm", "latent_regularizers", "activations"),
+    *("losses", "latents", "ldm", "ldm_pipeline", "latent_regularizers", "activations", "digits"),
 ]
 UPPER = ("ldm_vae.workflows", "ldm_vae.cli", "ldm_vae.demo", "ldm_vae.training")
 

@@ -1,4 +1,5 @@
-"""The shipped demo weights (weights/demo): they load in ldm_vae and in diffusers, agree, and do their job."""
+"""The shipped demo weights (weights/demo, weights/digits): they load in ldm_vae and in diffusers (without
+warnings), agree, and do their job."""
 
 import json
 import re
@@ -6,6 +7,7 @@ import re
 import diffusers
 import pytest
 import torch
+from _diffusers_log import load_quietly
 from _scripts import import_script
 from PIL import Image
 
@@ -44,8 +46,39 @@ def test_demo_vae_reproduces_its_model_card(vae, tmp_path):
     )
 
 
+@pytest.mark.parametrize("name", ["demo", "digits"])
+def test_shipped_pipelines_load_in_diffusers_without_warnings_and_run(name):
+    pipe = load_quietly(WEIGHTS_DIR / name)
+    assert isinstance(pipe, diffusers.LDMPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np"
+    ).images
+    size = 8 * pipe.unet.config.sample_size
+    assert images.shape == (1, size, size, 3) and images.std() > 0
+    ours_vae, _, scheduler = load_pipeline(name)
+    assert ours_vae.config.scaling_factor == pipe.vqvae.config.scaling_factor
+    assert scheduler.config.clip_sample == pipe.scheduler.config.clip_sample == (name == "digits")
+    if name == "digits":
+        assert pipe.scheduler.config.clip_sample_range == scheduler.config.clip_sample_range == 3.5
+
+
+def test_digits_vqvae_is_the_demo_autoencoder_with_the_digits_scale():
+    from safetensors.torch import load_file
+
+    name = "diffusion_pytorch_model.safetensors"
+    demo, digits = load_file(DEMO / "vqvae" / name), load_file(WEIGHTS_DIR / "digits" / "vqvae" / name)
+    assert demo.keys() == digits.keys() and all(torch.equal(demo[k], digits[k]) for k in demo)
+    a, b = (json.loads((w / "vqvae" / "config.json").read_text()) for w in (DEMO, WEIGHTS_DIR / "digits"))
+    assert {k: v for k, v in a.items() if k != "scaling_factor"} == {
+        k: v for k, v in b.items() if k != "scaling_factor"
+    }
+    card = (WEIGHTS_DIR / "digits" / "README.md").read_text()
+    assert f"`scaling_factor` {b['scaling_factor']:.6f}" in card
+
+
 def test_demo_pipeline_loads_in_diffusers_and_matches_ours(vae):
-    pipe = diffusers.DiffusionPipeline.from_pretrained(DEMO)
+    pipe = load_quietly(DEMO)
     assert isinstance(pipe, diffusers.LDMPipeline)
     ours_vae, unet, _ = load_pipeline(DEMO)
     z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -32,7 +32,7 @@ from torchvision.utils import make_grid
 
 from ..autoencoder_kl import AutoencoderKL
 from ..checkpoint import CheckpointError
-from ..latents import LatentDataset, held_out_split, read_manifest
+from ..latents import LatentDataset, held_out_split, latent_moments, read_manifest
 from ..ldm import (
     NoiseConfig,
     UNetConfig,
@@ -41,6 +41,7 @@ from ..ldm import (
     decode_latents,
     diffusion_loss,
     export_pipeline,
+    gaussian_baselines,
     gaussian_bits_per_dim,
     sample_latents,
     sampling_scheduler,
@@ -87,6 +88,9 @@ class SampleConfig:
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     eta: float = 0.0  # DDIM's eta (0: deterministic)
     seed: int = 0  # the grids' initial noise and the held-out posterior samples
+    clip_range: float = (
+        0.0  # clip the samplers' x_0 predictions to +-clip_range (0: never; saved in the pipeline)
+    )
     vlb_timesteps: int = 50  # importance-sampled timesteps of the held-out bits/dim (0: skip it)
     export_dtype: Literal["fp32", "fp16"] = "fp32"  # weights of the exported pipeline
 
@@ -105,7 +109,7 @@ class Config:
 
 
 def load_data(cfg: LatentDataConfig, world: int) -> tuple[LatentDataset, LatentDataset, dict]:
-    """(training latents, held-out latents, manifest) of the cache."""
+    """(training latents, held-out latents, manifest) of the cache, both scaled by :func:`training_scale`."""
     if not cfg.latent_dir:
         raise ConfigError(
             "no latents: set data.latent_dir or pass --latent-dir (see `ldm-vae cache-latents`)"
@@ -118,11 +122,23 @@ def load_data(cfg: LatentDataConfig, world: int) -> tuple[LatentDataset, LatentD
     # Every view of a held-out image is kept out of training, not only the center crop it is scored on.
     found = manifest["num_items"]
     check_enough_data(found, found - len(train), cfg.batch_size, world, "latents", cfg.latent_dir)
-    return LatentDataset(cfg.latent_dir, train), LatentDataset(cfg.latent_dir, val), manifest
+    train_set, val_set = LatentDataset(cfg.latent_dir, train), LatentDataset(cfg.latent_dir, val)
+    train_set.scale = val_set.scale = training_scale(train_set)
+    return train_set, val_set, manifest
 
 
-def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device) -> AutoencoderKL:
-    """The cache's autoencoder with ``scaling_factor`` set to the cached scale, as the exported pipeline has it."""
+def training_scale(train_set: LatentDataset) -> float:
+    """LDM's scale_by_std over the training latents only (the manifest's ``scale`` covers every cached view,
+    held-out images' included): 1 / std of posterior samples, in closed form (:func:`latent_moments`)."""
+    _, std = latent_moments([train_set.mean], [train_set.std])
+    if not std > 0:
+        raise ConfigError("the training latents have zero variance: cannot compute a latent scale")
+    return 1.0 / std
+
+
+def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device, scale: float) -> AutoencoderKL:
+    """The cache's autoencoder with ``scaling_factor`` set to ``scale`` (the training latents'), as the exported
+    pipeline has it."""
     src = cfg.vae or manifest["model"]
     if manifest["shift"]:
         raise ConfigError(
@@ -130,7 +146,7 @@ def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device) -> Aut
             "cannot express a shift, so a model trained on them could not be exported"
         )
     torch.manual_seed(0)  # a random-init preset (e.g. "tiny" in tests) is then the same model every time
-    vae = AutoencoderKL.from_pretrained(src, device=device, scaling_factor=manifest["scale"])
+    vae = AutoencoderKL.from_pretrained(src, device=device, scaling_factor=scale)
     if vae.config.latent_channels != manifest["latent_shape"][0]:
         raise ConfigError(
             f"{src}: {vae.config.latent_channels} latent channels, the cache has {manifest['latent_shape'][0]}"
@@ -138,11 +154,21 @@ def load_vae(cfg: LatentDataConfig, manifest: dict, device: torch.device) -> Aut
     return vae
 
 
+def baseline_bits(train_z: Tensor, val_z: Tensor) -> dict[str, float]:
+    """Held-out bits/dim of the Gaussians of :func:`gaussian_baselines` fitted to ``train_z``, keyed
+    ``prior_bpd``, ``per_channel_bpd`` and ``full_cov_bpd``."""
+    if not len(val_z):
+        return {}
+    fits = gaussian_baselines(train_z)
+    keys = {"prior": "prior_bpd", "per_channel": "per_channel_bpd", "full": "full_cov_bpd"}
+    return {keys[k]: gaussian_bits_per_dim(val_z, *fit).mean().item() for k, fit in fits.items()}
+
+
 @torch.no_grad()
 def evaluate(
     unet: UNet2DModel, noise_scheduler: DDPMScheduler, z: Tensor, cfg: SampleConfig
 ) -> dict[str, float]:
-    """Held-out loss (fixed t and eps) and, with ``vlb_timesteps``, the bound and N(0, I) prior in bits/dim."""
+    """Held-out loss (fixed t and eps) and, with ``vlb_timesteps``, the bound in bits/dim."""
     if not len(z):
         return {}
     out = {
@@ -154,7 +180,7 @@ def evaluate(
         bound = vlb_bits_per_dim(
             unet, noise_scheduler, z, cfg.vlb_timesteps, torch.Generator().manual_seed(cfg.seed)
         )
-        out.update(bpd=bound["total"].mean().item(), prior_bpd=gaussian_bits_per_dim(z).mean().item())
+        out["bpd"] = bound["total"].mean().item()
     return out
 
 
@@ -163,7 +189,7 @@ def sample_grid(
     unet: UNet2DModel, noise_scheduler: DDPMScheduler, vae: AutoencoderKL, cfg: SampleConfig
 ) -> Tensor:
     """A grid (3, H, W) of ``num_images`` decoded samples, the same initial noise every time."""
-    scheduler = sampling_scheduler(noise_scheduler, cfg.scheduler)
+    scheduler = sampling_scheduler(noise_scheduler, cfg.scheduler, cfg.clip_range)
     generator = torch.Generator().manual_seed(cfg.seed)
     z = sample_latents(unet, scheduler, cfg.num_images, cfg.steps, generator, cfg.eta)  # (N, C, s, s)
     images = decode_latents(vae, z.to(vae.device)).cpu()  # (N, 3, s*f, s*f)
@@ -181,8 +207,14 @@ class DiffusionObjective:
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg, world = cfg, accelerator.num_processes
         train_set, val_set, manifest = load_data(cfg.data, world)
-        self.vae = load_vae(cfg.data, manifest, accelerator.device)
+        self.vae = load_vae(cfg.data, manifest, accelerator.device, train_set.scale)
         self.val_z = val_set.fixed_samples(cfg.sample.seed).to(accelerator.device)
+        # Fixed numbers (they do not depend on the UNet), logged with every validation beside the bound.
+        self.baselines = (
+            baseline_bits(train_set.fixed_draws(cfg.sample.seed), self.val_z)
+            if cfg.sample.vlb_timesteps
+            else {}
+        )
         set_seed(cfg.train.seed)  # identical initial weights on every process
         c, s, _ = manifest["latent_shape"]
         try:
@@ -217,6 +249,7 @@ class DiffusionObjective:
         model, cfg = self.model, self.cfg.sample
         model.eval()
         values = {f"val/{k}": v for k, v in evaluate(model, self.noise_scheduler, self.val_z, cfg).items()}
+        values.update({f"val/{k}": v for k, v in self.baselines.items()})
         with ema.applied(model) if ema is not None else nullcontext():
             if ema is not None:
                 values.update(
@@ -230,7 +263,13 @@ class DiffusionObjective:
         return values, grid
 
     def export(self, folder: Path) -> None:
-        export_pipeline(self.vae, self.model, self.noise_scheduler, folder, self.cfg.sample.export_dtype)
+        export_pipeline(
+            self.vae,
+            self.model,
+            sampling_scheduler(self.noise_scheduler, "ddim", self.cfg.sample.clip_range),
+            folder,
+            self.cfg.sample.export_dtype,
+        )
 
     def state_tensors(self) -> dict[str, dict[str, Tensor]]:
         return {}

@@ -52,6 +52,14 @@ def write_samples(
     return files
 
 
+# How far the cache's scale may be from the pipeline's and still be the same VAE's latents. The cache's scale
+# is 1 / std over every cached view, held-out images' included, while the trainer scales by the training views'
+# std only; re-encoding on another CPU, dtype or thread count also moves it (3.9e-4 relative was seen for the
+# shipped photo pipeline). Both stay well under 1%, while another autoencoder or another kind of image changes
+# the std by tens of percent (the demo VAE: 0.42 on photos, 0.26 on digits).
+SCALE_RTOL = 1e-2
+
+
 def ldm_eval(
     pipeline: str | os.PathLike,
     latents: str | os.PathLike,
@@ -61,7 +69,12 @@ def ldm_eval(
     seed: int = 0,
     batch_size: int = 16,
 ) -> tuple[str, list[tuple[str, float]]]:
-    """DDPM's variational bound of ``pipeline`` on cached latents, and their NLL under N(0, I), in bits/dim.
+    """DDPM's variational bound of ``pipeline`` on cached latents next to Gaussian baselines, in bits/dim.
+
+    The latents are scaled by the pipeline's own ``scaling_factor`` (the one its UNet was trained with); the
+    cache's scale only has to agree within ``SCALE_RTOL``. With ``last``, the Gaussians of
+    :func:`~ldm_vae.ldm.gaussian_baselines` are fitted to the other images' latents (the trainer's training
+    split, four posterior samples of each) and scored on the same held-out latents as the bound.
 
     Args:
         last: only the center crops of the last ``last`` images (the trainer's held-out split).
@@ -72,26 +85,38 @@ def ldm_eval(
         A line saying what was evaluated, and (term, bits/dim) rows.
     """
     from ..latents import LatentDataset, held_out_split
-    from ..ldm import gaussian_bits_per_dim, load_pipeline, sampling_scheduler, vlb_bits_per_dim
+    from ..ldm import (
+        BASELINE_NAMES,
+        gaussian_baselines,
+        gaussian_bits_per_dim,
+        load_pipeline,
+        sampling_scheduler,
+        vlb_bits_per_dim,
+    )
 
     vae, unet, scheduler = load_pipeline(pipeline, device)
-    data = LatentDataset(latents)
+    data, train = LatentDataset(latents), None
     if last is not None:
         try:
-            data = LatentDataset(latents, held_out_split(data.manifest, last)[1])
+            train_items, held = held_out_split(data.manifest, last)
         except ValueError as e:
             raise WorkflowError(f"--last {last}: {e}") from None
-    if not math.isclose(vae.config.scaling_factor, data.scale, rel_tol=1e-5) or data.shift:
+        data, train = LatentDataset(latents, held), LatentDataset(latents, train_items)
+    scale = vae.config.scaling_factor
+    if not math.isclose(scale, data.scale, rel_tol=SCALE_RTOL) or data.shift:
         raise WorkflowError(
-            f"{pipeline}: its VAE scales latents by {vae.config.scaling_factor}, the cache by {data.scale} "
-            f"(shift {data.shift}): the UNet was not trained on these latents"
+            f"{pipeline}: its VAE scales latents by {scale}, the cache by {data.scale} (shift {data.shift}; "
+            f"more than {SCALE_RTOL:.0%} apart): the UNet was not trained on these latents"
         )
+    for d in (data, train):
+        if d is not None:
+            d.scale = scale  # what the UNet saw
     z = data.fixed_samples(seed)  # (N, C, h, w), diffusion-ready
     if tuple(z.shape[1:]) != (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size):
         raise WorkflowError(
             f"latents of shape {tuple(z.shape[1:])} do not fit the UNet ({unet.config.sample_size} px)"
         )
-    noise = sampling_scheduler(scheduler, "ddpm")  # the training betas and variances
+    noise = sampling_scheduler(scheduler, "ddpm", 0.0)  # the training betas and variances
     generator = torch.Generator().manual_seed(seed)
     timesteps = timesteps or None
     parts: dict[str, list[Tensor]] = {}
@@ -102,15 +127,23 @@ def ldm_eval(
     mean = {k: torch.cat(v).mean().item() for k, v in parts.items()}
     how = "all timesteps" if timesteps is None else f"{timesteps} importance-sampled timesteps"
     what = (
-        f"{len(z)} latents ({'x'.join(map(str, z.shape[1:]))}) of {latents}, posterior samples (seed {seed})"
+        f"{len(z)} latents ({'x'.join(map(str, z.shape[1:]))}) of {latents}, posterior samples (seed {seed}), "
+        f"scaled by the pipeline's {scale:.6g}"
+        + (f"; Gaussians fitted to the other {len(train)} latents" if train is not None else "")
     )
-    return what, [
+    rows = [
         ("DDPM variational bound (continuous)", mean["total"]),
         ("  L_T (prior term)", mean["prior"]),
         (f"  sum of L_t-1 ({how})", mean["diffusion"]),
         ("  L_0 (Gaussian decoder term)", mean["decoder"]),
-        ("N(0, I) prior NLL", gaussian_bits_per_dim(z).mean().item()),
     ]
+    fits = {"prior": (None, None)}
+    if train is not None and len(train):
+        fits = gaussian_baselines(train.fixed_draws(seed))
+    rows += [
+        (BASELINE_NAMES[k] + " NLL", gaussian_bits_per_dim(z, *fit).mean().item()) for k, fit in fits.items()
+    ]
+    return what, rows
 
 
 def format_bits_table(rows: list[tuple[str, float]]) -> str:
