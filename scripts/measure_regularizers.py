@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measures the latent regularizers (issue 15) on the shipped demo autoencoder, one short fine-tune each.
 
-    nice -n 5 python scripts/measure_regularizers.py --out runs/regs --steps 40 --ldm-steps 300
+    python scripts/measure_regularizers.py --out runs/regs --steps 150 --ldm-steps 2000
 
 For each variant (``none``, ``eq_vae``, ``scale_equivariance``, ``latent_noise``) the script fine-tunes
 ``weights/demo/vqvae`` with ``scripts/configs/demo_kl_f8.toml`` on the photos for the same number of steps, seed
