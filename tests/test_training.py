@@ -426,3 +426,11 @@ def test_validation_reports_lpips_when_the_perceptual_net_exists():
     assert values["val/lpips"] == pytest.approx(perceptual(recon, images).mean().item(), rel=1e-5)
     assert "val/lpips" not in tv.validate(vae, None, images, 2)[0]
     assert grid.shape[0] == 3  # an RGB grid: inputs and reconstructions
+
+
+@pytest.mark.parametrize("name", ["eq_vae", "scale_equivariance", "latent_noise"])
+def test_regularizer_example_configs_switch_on_their_section_only(name):
+    cfg = load_config(tv.Config, TINY.parent / f"demo_ft_{name}.toml")
+    sections = ("eq_vae", "scale_equivariance", "latent_noise", "fp16_fix")
+    assert [getattr(cfg, s).enabled for s in sections] == [s == name for s in sections]
+    assert cfg.model.init == "weights/demo/vqvae" and cfg.train.max_steps == 150
