@@ -662,6 +662,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {wf.one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroys the ``torch.distributed`` group a launched command opened (no-op otherwise): a process that
+    exits with a live gloo group can abort (SIGABRT) in interpreter teardown, failing a run that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
