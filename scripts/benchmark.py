@@ -118,8 +118,27 @@ def _ldm_vae_run(spec: dict, inp: torch.Tensor):
     return lambda: model.decode(inp, **kwargs)
 
 
+GEMM_N = 4096  # the ceiling's matrix size: large enough that oneDNN runs at its peak
+
+
+def gemm_worker(spec: dict) -> None:
+    """Times a bf16 ``GEMM_N``-cubed matmul in this (fresh) process: the compute ceiling of the machine."""
+    a, b = (torch.randn(GEMM_N, GEMM_N, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):  # oneDNN picks and builds its kernel on the first calls
+        a @ b
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    tflops = 2 * GEMM_N**3 / statistics.median(times) / 1e12
+    Path(spec["result"]).write_text(json.dumps({"tflops": tflops}))
+
+
 def worker(spec: dict) -> None:
     """Runs one case in this (fresh) process and writes timings, memory and the output."""
+    if spec["library"] == "gemm":
+        return gemm_worker(spec)
     torch.manual_seed(0)
     inp = torch.load(spec["input"], weights_only=True)
     run = {"diffusers": _diffusers_run, "openvino": _openvino_run, "ldm_vae": _ldm_vae_run}[spec["library"]](
@@ -141,6 +160,17 @@ def worker(spec: dict) -> None:
     torch.save(out.contiguous(), spec["output"])
     result = {"times": times, "first_s": first, "peak_above_model": peak - base}
     Path(spec["result"]).write_text(json.dumps(result))
+
+
+def conv_flops(op: str, size: int) -> int:
+    """The SD-shaped untiled pass's convolution FLOPs (2 * MACs), counted on meta tensors."""
+    from benchmark_tiling import tiled_flops  # this script's folder is on sys.path when run as a script
+
+    from ldm_vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained("sd").to(device="meta").eval()
+    shape = (1, 4, size // 8, size // 8) if op == "decode" else (1, 3, size, size)
+    return tiled_flops(vae, op, torch.zeros(shape, device="meta"), None)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,9 +199,13 @@ def markdown_table(report: dict) -> str:
         f"Machine: {report['machine']}.",
         "",
         "| op | size | case | median s | first s | x vs diffusers fp32 | x vs diffusers bf16 | x vs diffusers bf16 "
-        "compile | peak GB | max abs diff | PSNR dB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "compile | % of bf16 GEMM ceiling | peak GB | max abs diff | PSNR dB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if report.get("gemm_tflops"):
+        lines[0] += (
+            f" bf16 GEMM ceiling ({GEMM_N}^3 matmul, median of rounds): {report['gemm_tflops']:.2f} TFLOP/s."
+        )
     for r in rows:
         ratios = []
         for base in (
@@ -182,9 +216,10 @@ def markdown_table(report: dict) -> str:
             ref = by_key.get((r["op"], r["size"], base))
             ratios.append(f"{ref['median_s'] / r['median_s']:.2f}" if ref else "")
         first = "" if r.get("first_s") is None else f"{r['first_s']:.1f}"
+        ceiling = f"{100 * r['ceiling_fraction']:.0f}%" if r.get("ceiling_fraction") else ""
         lines.append(
             f"| {r['op']} | {r['size']} | {r['case']} | {r['median_s']:.2f} | {first} | {' | '.join(ratios)} | "
-            f"{peak_gb(r):.2f} | {' | '.join(accuracy(r))} |"
+            f"{ceiling} | {peak_gb(r):.2f} | {' | '.join(accuracy(r))} |"
         )
     return "\n".join(lines)
 
@@ -230,10 +265,10 @@ def main() -> None:
     with open("/proc/cpuinfo") as f:
         model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(f"machine: {model_name}; {machine}; SD-shaped random weights")
-    results = []
+    results, gemm_runs = [], []
     header = (
-        f"{'op':6} {'size':>5} {'case':38} {'median s':>9} {'first s':>8} {'peak GB':>8} {'max|diff|':>10} "
-        f"{'PSNR dB':>8}"
+        f"{'op':6} {'size':>5} {'case':38} {'median s':>9} {'first s':>8} {'ceiling':>8} {'peak GB':>8} "
+        f"{'max|diff|':>10} {'PSNR dB':>8}"
     )
     print(header)
     for op in args.ops:
@@ -257,7 +292,13 @@ def main() -> None:
                 cases.remove("openvino bf16")
                 print("openvino is not installed (pip install openvino): its case is skipped")
             per_case: dict[str, list[dict]] = {c: [] for c in cases}
+            flops = conv_flops(op, size)
             for _ in range(args.rounds):  # interleaved: each round runs every case once
+                (tmp / "spec.json").write_text(
+                    json.dumps({"library": "gemm", "result": str(tmp / "gemm.json")})
+                )
+                subprocess.run([sys.executable, __file__, "--worker", str(tmp / "spec.json")], check=True)
+                gemm_runs.append(json.loads((tmp / "gemm.json").read_text())["tflops"])  # the same load
                 for case in cases:
                     library, dtype, how = CASES[case]
                     spec = dict(
@@ -292,18 +333,23 @@ def main() -> None:
                     psnr_db=None if ref is None else psnr(out, ref),
                 )
                 row["peak_gb"] = row["peak_bytes"] / 1e9  # decimal GB, as the 2.5 GB target
+                # Standard count (convolutions only, nearest upsampling): the share of the machine's bf16 peak.
+                row["conv_flops"] = flops
+                row["ceiling_fraction"] = flops / row["median_s"] / (statistics.median(gemm_runs) * 1e12)
                 results.append(row)
                 diff_text, psnr_text = accuracy(row)
                 first_text = "" if row["first_s"] is None else f"{row['first_s']:.1f}"
                 print(
-                    f"{op:6} {size:>5} {case:38} {row['median_s']:>9.2f} {first_text:>8} {row['peak_gb']:>8.2f} "
-                    f"{diff_text:>10} {psnr_text:>8}",
+                    f"{op:6} {size:>5} {case:38} {row['median_s']:>9.2f} {first_text:>8} "
+                    f"{100 * row['ceiling_fraction']:>7.0f}% {row['peak_gb']:>8.2f} {diff_text:>10} {psnr_text:>8}",
                     flush=True,
                 )
                 if args.json:  # after every size: a long run stopped early keeps what it measured
                     report = {
                         "machine": f"{model_name}; {machine}",
                         "rounds": args.rounds,
+                        "gemm_tflops": statistics.median(gemm_runs),
+                        "gemm_tflops_runs": gemm_runs,
                         "results": results,
                     }
                     args.json.write_text(json.dumps(report, indent=2))
