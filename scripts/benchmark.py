@@ -127,8 +127,9 @@ def gemm_worker(spec: dict) -> None:
     The dtype is the one ``auto`` computes in: bf16 where the CPU has native bf16, else fp32 (emulated bf16
     runs about 100x below the fp32 peak on AVX2, which would make a 4096^3 product take minutes).
     """
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
-    a, b = (torch.randn(GEMM_N, GEMM_N, dtype=dtype) for _ in range(2))
+    from ldm_vae.runtime import resolve_dtype
+
+    a, b = (torch.randn(GEMM_N, GEMM_N, dtype=resolve_dtype(spec["dtype"])) for _ in range(2))
     for _ in range(2):  # oneDNN picks and builds its kernel on the first calls
         a @ b
     times: list[float] = []
@@ -310,9 +311,8 @@ def main() -> None:
             per_case: dict[str, list[dict]] = {c: [] for c in cases}
             flops = conv_flops(op, size)
             for _ in range(args.rounds):  # interleaved: each round runs every case once
-                gemm_runs.append(
-                    run_worker(tmp, {"library": "gemm", "dtype": gemm_dtype})["tflops"]
-                )  # under the cases' load
+                # Each round, so the ceiling is measured under the same load as the cases.
+                gemm_runs.append(run_worker(tmp, {"library": "gemm", "dtype": gemm_dtype})["tflops"])
                 for case in cases:
                     library, dtype, how = CASES[case]
                     spec = dict(
