@@ -18,6 +18,7 @@ from _accelerate import reset_accelerate
 from _diffusers_log import load_quietly
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ldm_vae import AutoencoderKL
 from ldm_vae.cli import main as cli_main
@@ -531,25 +532,61 @@ def test_sampling_scheduler_clip_range():
     assert out.max().item() == 3.5
 
 
-def test_refreshing_the_digits_vqvae_keeps_its_scale_and_refuses_a_new_encoder(tmp_path, capsys):
+def test_refreshing_a_vqvae_keeps_its_scale_and_dtype_and_refuses_a_new_encoder(tmp_path):
     from _scripts import import_script
 
     build = import_script("build_demo_weights")
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained("tiny", scaling_factor=0.5)
-    src = vae.save_pretrained(tmp_path / "demo" / "vqvae")
-    AutoencoderKL.from_pretrained(src, scaling_factor=0.25).save_pretrained(tmp_path / "digits" / "vqvae")
-    with torch.no_grad():  # a decoder-only round: new decoder weights
+    src = vae.save_pretrained(tmp_path / "run" / "vae")  # a training run's export: fp32
+    dest = tmp_path / "shipped" / "vqvae"
+    AutoencoderKL.from_pretrained(src, scaling_factor=0.25).save_pretrained(dest, dtype="fp16")
+    with torch.no_grad():  # a decoder-only round from the fp16 weights: the encoder is their exact upcast
+        for p in vae.encoder.parameters():
+            p.copy_(p.half().float())
         for p in vae.decoder.parameters():
             p.add_(0.01)
     vae.save_pretrained(src)
-    build.refresh_digits_vqvae(src, tmp_path / "digits" / "vqvae")
-    new = AutoencoderKL.from_pretrained(tmp_path / "digits" / "vqvae")
+    build.refresh_vqvae(src, dest, "retrain the DDPM")
+    shipped = load_file(dest / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in shipped.values()} == {torch.float16}  # the shipped dtype, not the run's
+    new = AutoencoderKL.from_pretrained(dest)
     assert new.config.scaling_factor == 0.25
     for (name, a), b in zip(new.state_dict().items(), vae.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b.half().float()), name
     with torch.no_grad():  # a new encoder: every latent changed, the DDPM is stale
         next(vae.encoder.parameters()).add_(0.01)
     vae.save_pretrained(src)
-    with pytest.raises(SystemExit, match=r"its encoder differs .* retrain the digits DDPM"):
-        build.refresh_digits_vqvae(src, tmp_path / "digits" / "vqvae")
+    with pytest.raises(SystemExit, match=r"its encoder differs .*: retrain the DDPM"):
+        build.refresh_vqvae(src, dest, "retrain the DDPM")
+    assert AutoencoderKL.from_pretrained(dest).config.scaling_factor == 0.25  # refused: nothing lost
+
+
+def test_card_splice_replaces_named_sections_and_keeps_the_rest_verbatim():
+    from _scripts import import_script
+
+    build = import_script("build_demo_weights")
+    card = "# Title\n\nintro\n\n## Autoencoder (`vqvae/`)\n\nold AE\n\n## Latent DDPM\n\n| kept |\n\n## How\n\n```bash\na\nb\n```\n"
+    out = build.splice(card, {"Autoencoder": ["## Autoencoder (`vqvae/`)", "", "new AE", ""]})
+    assert out == card.replace("old AE", "new AE")
+    assert build.code_lines(build.sections(card)[-1]) == ["a", "b"]
+    with pytest.raises(SystemExit, match="no section"):
+        build.splice(card, {"Samples": []})
+
+
+@pytest.mark.parametrize(("psnr", "verdict"), [(26.6, "met"), (26.4, "missed by 0.20 dB")])
+def test_card_states_the_psnr_target_met_or_missed_by_how_much(psnr, verdict):
+    from _scripts import import_script
+
+    build = import_script("build_demo_weights")
+    row = {
+        "source": "a.png",
+        "size": [8, 8],
+        "psnr": psnr,
+        "ssim": 0.7,
+        "bicubic_psnr": 24.3,
+        "bicubic_ssim": 0.6,
+    }
+    demo = {"images": [row], "mean": row, "seconds": 1.0, "dtype": "fp32"}
+    text = "\n".join(build.measured_section(demo))
+    assert f"Mean PSNR {psnr - 24.3:+.2f} dB against bicubic (the target is +2.3 dB: {verdict})" in text
