@@ -6,6 +6,10 @@
 3. ``ldm``: the latent DDPM, ``scripts/train_ldm.py --config scripts/configs/ldm_demo.toml``;
 4. ``ship``: copies the exported pipeline to ``weights/demo/``, runs ``ldm-vae demo`` on it, writes the model
    card (``weights/demo/README.md``) from the runs' logs and the demo's scores, and the README's pictures;
+   ``decoder`` and ``vqvae`` instead of the four: a decoder-only round of the autoencoder (256 px crops,
+   from ``weights/demo/vqvae``), then shipped into ``weights/demo/vqvae`` without touching the DDPM (the
+   encoder, and so every latent, is unchanged; it refuses otherwise), with the demo, the card's autoencoder
+   and measured sections and the README's pictures rewritten;
 5. ``digits-data``: scikit-learn's digits as 64 px PNGs (:mod:`ldm_vae.digits`), cached through the shipped
    ``weights/demo/vqvae`` (8x8x4 latents);
 6. ``digits-ldm``: the digits DDPM, ``scripts/train_ldm.py --config scripts/configs/ldm_digits.toml``;
@@ -15,7 +19,7 @@
    encoder changed, because every latent, and with them the DDPM, would be stale.
 
     python scripts/build_demo_weights.py --photos ../shared/data/photos --runs runs [--stages ship]
-    python scripts/build_demo_weights.py --stages digits-vqvae   # after a decoder-only round of the VAE
+    python scripts/build_demo_weights.py --stages decoder vqvae digits-vqvae   # a decoder-only round
 
 Stopped at any point, the same command continues (trainers resume from their latest checkpoint). The default
 stages are the photo pipeline's four; the digits' are named explicitly.
