@@ -159,3 +159,24 @@ def test_demo_command_and_shipped_name(pipeline, tmp_path, monkeypatch, capsys):
     assert main(["demo", "-o", str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: shipped weights 'demo' not found") and err.count("\n") == 1
+
+
+def test_measure_extent_blocks_equal_whole_when_a_block_is_the_whole_photo():
+    """With one block covering the photo, all four ways are the same computation; with smaller blocks they
+    differ (GroupNorm and attention see less), and the colour oracle never scores below the plain whole."""
+    from _scripts import import_script
+
+    extent = import_script("measure_extent")
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained("tiny").eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    one = extent.measure(vae, x, 32)
+    assert (
+        one["blocks"]
+        == one["whole"]
+        == one["encoder whole, decoder blocks"]
+        == one["encoder blocks, decoder whole"]
+    )
+    four = extent.measure(vae, x, 16)
+    assert four["blocks"] != four["whole"]
+    assert four["whole, colour oracle"] >= four["whole"] - 0.01
