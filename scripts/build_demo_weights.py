@@ -62,6 +62,13 @@ def run(*args: str) -> None:
     subprocess.run(args, check=True, cwd=ROOT)
 
 
+def run_demo(cli: str, demo_out: Path, *args: str) -> dict:
+    """``ldm-vae demo`` into a fresh ``demo_out`` (its latent caches refuse other weights); returns its metrics."""
+    shutil.rmtree(demo_out, ignore_errors=True)
+    run(cli, "demo", "-o", str(demo_out), *args)
+    return json.loads((demo_out / "metrics.json").read_text())
+
+
 def logged(run_dir: Path) -> list[dict]:
     """The run's metrics lines, one per step (a resumed run re-logs the steps after its checkpoint: last wins)."""
     by_step: dict[int, dict] = {}
@@ -434,8 +441,7 @@ def main() -> None:
         tmp.rename(dest)
         demo_out = runs / "demo-output"
         # fp32: the card's scores then do not depend on the CPU ("auto" is bf16 only where it is native).
-        run(cli, "demo", "-o", str(demo_out), "--pipeline", str(dest), "--dtype", "fp32")
-        demo = json.loads((demo_out / "metrics.json").read_text())
+        demo = run_demo(cli, demo_out, "--pipeline", str(dest), "--dtype", "fp32")
         # The card shows the steps the runs were trained for, also when this invocation only ships.
         steps = [
             json.loads((r / "train_config.json").read_text())["train"]["max_steps"]
@@ -473,8 +479,7 @@ def ship_decoder_round(
         "the latents changed, so run a full round (--stages vae latents ldm ship)",
     )
     demo_out = runs / "demo-output"
-    run(cli, "demo", "-o", str(demo_out), "--pipeline", str(dest), "--dtype", "fp32")
-    demo = json.loads((demo_out / "metrics.json").read_text())
+    demo = run_demo(cli, demo_out, "--pipeline", str(dest), "--dtype", "fp32")
     vae_cfg = json.loads((vae_run / "train_config.json").read_text())
     vqvae = json.loads((dest / "vqvae/config.json").read_text())
     old = (dest / "README.md").read_text()
@@ -546,9 +551,8 @@ def digit_stages(args: argparse.Namespace, runs: Path, py: str, cli: str) -> Non
         )
     if {"digits-ship", "digits-vqvae"} & set(args.stages):
         demo_out = runs / "demo-output"
-        run(cli, "demo", "-o", str(demo_out), "--pipeline", str(args.weights.resolve()), "--digits-pipeline",
-            str(dest), "--dtype", "fp32")  # fmt: skip
-        demo = json.loads((demo_out / "metrics.json").read_text())
+        demo = run_demo(cli, demo_out, "--pipeline", str(args.weights.resolve()), "--digits-pipeline",
+                        str(dest), "--dtype", "fp32")  # fmt: skip
         made = [
             "python scripts/build_demo_weights.py --stages digits-data  # the PNGs, then:",
             *train,
