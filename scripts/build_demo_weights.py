@@ -346,6 +346,17 @@ def sections(text: str) -> list[list[str]]:
     return parts
 
 
+def is_section(part: list[str], heading: str) -> bool:
+    """Whether ``part`` (one of :func:`sections`) is the ``## `` section whose heading starts with ``heading``."""
+    return bool(part) and part[0].startswith(f"## {heading}")
+
+
+def section(text: str, heading: str) -> list[str]:
+    """The one ``## `` section of ``text`` whose heading starts with ``heading``, as lines."""
+    (part,) = [part for part in sections(text) if is_section(part, heading)]
+    return part
+
+
 def splice(text: str, new: dict[str, list[str]]) -> str:
     """``text`` with each ``## `` section whose heading starts with a key of ``new`` replaced by its lines.
 
@@ -354,7 +365,7 @@ def splice(text: str, new: dict[str, list[str]]) -> str:
     """
     out, used = [], set()
     for part in sections(text):
-        key = next((k for k in new if part and part[0].startswith(f"## {k}")), None)
+        key = next((k for k in new if is_section(part, k)), None)
         out.append(new[key] if key else part)
         used.add(key)
     if missing := set(new) - used:
@@ -483,16 +494,15 @@ def ship_decoder_round(
     vae_cfg = json.loads((vae_run / "train_config.json").read_text())
     vqvae = json.loads((dest / "vqvae/config.json").read_text())
     old = (dest / "README.md").read_text()
-    made = next(part for part in sections(old) if part[0].startswith("## How it was made"))
-    ship = "python scripts/build_demo_weights.py --stages vqvae digits-vqvae"
-    made = code_lines(made)
+    made = code_lines(section(old, "How it was made"))
     # Shipped again, the same round's lines are replaced rather than repeated.
     this = f"# round {len(rounds)}:"
     made = made[: next((i for i, line in enumerate(made) if line.startswith(this)), len(made))]
     made += [
         f"# round {len(rounds)}: the decoder only, {DECODER_CROP} px crops (the encoder, latents and DDPM stay)",
         decoder_round(vae_cfg["train"]["max_steps"]),
-        f"{ship}  # copy the autoencoder here and to weights/digits, demo, these cards",
+        "python scripts/build_demo_weights.py --stages vqvae digits-vqvae  # copy the autoencoder here and to "
+        "weights/digits, demo, these cards",
     ]
     new = {
         "Autoencoder": vae_section(vae_cfg, vqvae, rounds),
@@ -562,7 +572,7 @@ def digit_stages(args: argparse.Namespace, runs: Path, py: str, cli: str) -> Non
             text = digits_card(ldm_run, latents, dest, demo["digits"], made)
         else:  # digits-vqvae in a later session: the DDPM's run is gone, its sections stay as they were
             text = (dest / "README.md").read_text()
-            (held_out,) = [p for p in sections(text) if p[0].startswith("## Held-out bits per dimension")]
+            held_out = section(text, "Held-out bits per dimension")
             kept = held_out[
                 next(i for i, line in enumerate(held_out) if line.startswith("Validation during")) :
             ]

@@ -570,6 +570,8 @@ def test_card_splice_replaces_named_sections_and_keeps_the_rest_verbatim():
     out = build.splice(card, {"Autoencoder": ["## Autoencoder (`vqvae/`)", "", "new AE", ""]})
     assert out == card.replace("old AE", "new AE")
     assert build.code_lines(build.sections(card)[-1]) == ["a", "b"]
+    assert build.section(card, "Latent") == ["## Latent DDPM", "", "| kept |", ""]
+    assert build.section("## Only\nx\n", "Only") == ["## Only", "x"]  # no preamble: an empty first part
     with pytest.raises(SystemExit, match="no section"):
         build.splice(card, {"Samples": []})
 
